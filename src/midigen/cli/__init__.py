@@ -1,0 +1,1 @@
+"""The `midigen` command line."""

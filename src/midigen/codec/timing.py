@@ -1,0 +1,111 @@
+"""Bars and positions inside bars, from a piece's real time-signature map, on the step grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TimeSignatureChange:
+    step: int
+    numerator: int
+    denominator: int
+
+
+def bar_steps_of(numerator: int, denominator: int, steps_per_quarter: int) -> int:
+    """Length of one bar in steps (at least one step)."""
+    return max(1, round(numerator * 4 * steps_per_quarter / denominator))
+
+
+def signature_of_bar_steps(bar_steps: int, steps_per_quarter: int) -> tuple[int, int]:
+    """The simplest time signature whose bar lasts `bar_steps` (6/8 and 3/4 both give 3/4)."""
+    for denominator in (4, 8, 16, 32, 64):
+        quarters_times_den = bar_steps * denominator
+        if quarters_times_den % (4 * steps_per_quarter) == 0:
+            return quarters_times_den // (4 * steps_per_quarter), denominator
+    return bar_steps, 4 * steps_per_quarter
+
+
+class BarGrid:
+    """Maps absolute steps to (bar index, position inside the bar).
+
+    A time-signature change starts a new bar where it occurs, even if the previous bar is unfinished
+    (which is how a change mid-bar sounds in a sequencer). Positions are bounded by `beat_positions`:
+    in a bar longer than that they wrap around.
+    """
+
+    def __init__(self, changes: list[TimeSignatureChange], steps_per_quarter: int, beat_positions: int) -> None:
+        if not changes or changes[0].step > 0:
+            changes = [TimeSignatureChange(0, 4, 4), *changes]
+        kept: list[TimeSignatureChange] = []
+        for change in sorted(changes, key=lambda c: c.step):
+            if kept and kept[-1].step == change.step:
+                kept[-1] = change  # the last signature written at a step wins
+            elif not kept or (kept[-1].numerator, kept[-1].denominator) != (change.numerator, change.denominator):
+                kept.append(change)
+        self.changes = kept
+        self.steps_per_quarter = steps_per_quarter
+        self.beat_positions = beat_positions
+        self.starts = np.array([c.step for c in kept], dtype=np.int64)
+        self.bar_steps = np.array(
+            [bar_steps_of(c.numerator, c.denominator, steps_per_quarter) for c in kept], dtype=np.int64
+        )
+        first_bars = [0]
+        for i in range(1, len(kept)):
+            span = self.starts[i] - self.starts[i - 1]
+            first_bars.append(first_bars[-1] + int(-(-span // self.bar_steps[i - 1])))
+        self.first_bars = np.array(first_bars, dtype=np.int64)
+
+    @classmethod
+    def default(cls, steps_per_quarter: int, beat_positions: int) -> BarGrid:
+        return cls([], steps_per_quarter, beat_positions)
+
+    def locate(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bar index, position in bar) of each step."""
+        steps = np.asarray(steps, dtype=np.int64)
+        segment = np.searchsorted(self.starts, steps, side="right") - 1
+        offset = steps - self.starts[segment]
+        bar_len = self.bar_steps[segment]
+        bars = self.first_bars[segment] + offset // bar_len
+        beats = (offset % bar_len) % self.beat_positions
+        return bars, beats
+
+    def bar_start(self, bar: int) -> int:
+        """Step at which bar number `bar` begins."""
+        segment = int(np.searchsorted(self.first_bars, bar, side="right") - 1)
+        return int(self.starts[segment] + (bar - self.first_bars[segment]) * self.bar_steps[segment])
+
+    @classmethod
+    def from_positions(
+        cls, steps: np.ndarray, bars: np.ndarray, beats: np.ndarray, steps_per_quarter: int, beat_positions: int
+    ) -> BarGrid:
+        """Rebuild the time-signature map implied by tokens' positions (used by `decode`).
+
+        A bar's start is `step - beat` when the bar is shorter than the beat bound; consecutive known
+        bar starts give the bar lengths, and each change of length becomes a time signature.
+        """
+        steps, bars, beats = (np.asarray(a, dtype=np.int64) for a in (steps, bars, beats))
+        if steps.size == 0:
+            return cls.default(steps_per_quarter, beat_positions)
+        starts_by_bar: dict[int, int] = {}
+        for bar, start in zip(bars.tolist(), (steps - beats).tolist()):
+            starts_by_bar.setdefault(bar, start)
+        known = sorted(starts_by_bar.items())
+        changes: list[TimeSignatureChange] = []
+        current = None
+        for (bar_a, start_a), (bar_b, start_b) in zip(known, known[1:]):
+            span, count = start_b - start_a, bar_b - bar_a
+            if span <= 0 or span % count:
+                continue
+            length = span // count
+            if length != current:
+                num, den = signature_of_bar_steps(length, steps_per_quarter)
+                # the first signature is taken to hold from the start of the piece
+                changes.append(TimeSignatureChange(start_a if changes else 0, num, den))
+                current = length
+        return cls(changes, steps_per_quarter, beat_positions)
+
+    def time_signatures(self) -> list[TimeSignatureChange]:
+        return list(self.changes)

@@ -1,0 +1,1 @@
+"""Data: the bundled corpus, the token store, parallel encoding, and batching."""
