@@ -13,6 +13,8 @@ from midigen.errors import BadMidiError
 
 MIDI_SUFFIXES = (".mid", ".midi")
 MAX_MIDI_BYTES = 64 * 1024 * 1024
+# Text of the MIDI marker event that `midigen generate` writes where the continuation starts.
+CONTINUATION_MARKER = "midigen: continuation"
 
 
 @dataclass
