@@ -1,0 +1,169 @@
+"""Continuing a prompt (or starting from nothing) with a trained model, token by token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import symusic
+import torch
+
+from midigen.codec.config import Vocab
+from midigen.codec.midi_io import CONTINUATION_MARKER, first_tempo, read_notes, write_midi
+from midigen.codec.timing import BarGrid
+from midigen.codec.tokenizer import SeedTokenizer, TokenSequence
+from midigen.errors import BadMidiError, MidigenError
+from midigen.generation.grammar import Grammar
+from midigen.generation.sampling import SamplingConfig, sample_token
+from midigen.model.transformer import KV, MusicTransformer
+from midigen.training.recipe import TrainedModel
+
+
+@dataclass
+class Prompt:
+    sequence: TokenSequence  # starts with <sos>; no <eos>
+    grid: BarGrid
+    tempo_qpm: float
+    bars: int  # bars the prompt covers; the continuation starts at the beginning of the next one
+    source: str | None = None
+
+    @property
+    def end_step(self) -> int:
+        return self.grid.bar_start(self.bars)
+
+
+def empty_prompt(tokenizer: SeedTokenizer) -> Prompt:
+    cfg = tokenizer.config
+    grid = BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
+    return Prompt(tokenizer.with_positions(np.array([Vocab.SOS]), grid), grid, cfg.tempo_qpm, 0)
+
+
+def load_prompt(path: str | Path, bars: int, tokenizer: SeedTokenizer) -> Prompt:
+    """The first `bars` bars of a MIDI file, encoded with the run's tokenizer."""
+    if bars < 1:
+        raise MidigenError(f"--prompt-bars must be at least 1, got {bars}")
+    notes = read_notes(path, tokenizer.config.keep_drums)
+    sequence = tokenizer.encode(notes)
+    grid = sequence.grid
+    assert grid is not None
+    cut = int(np.searchsorted(sequence.steps, grid.bar_start(bars), side="left"))
+    tokens = sequence.tokens[:cut]
+    if tokens[-1] == Vocab.EOS:
+        tokens = tokens[:-1]
+    if tokens[-1] == Vocab.SEP:
+        tokens = tokens[:-1]  # the gap leading out of the prompt is the model's to choose
+    if not (tokens >= tokenizer.vocab.note_offset).any():
+        raise BadMidiError(path, f"the first {bars} bar(s) hold no notes")
+    last_bar = int(sequence.bars[-1]) + 1
+    return Prompt(tokenizer.with_positions(tokens, grid), grid, first_tempo(notes, tokenizer.config.tempo_qpm),
+                  min(bars, last_bar), str(path))
+
+
+class SlidingWindowDecoder:
+    """Incremental decoding with a KV cache; past the context the oldest tokens slide out."""
+
+    def __init__(self, model: MusicTransformer) -> None:
+        self.model = model
+        self.window = model.config.context
+        self.past: list[KV] | None = None
+
+    @torch.no_grad()
+    def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
+        """Feed tokens (T,) and return the logits (V,) for the next one."""
+        keep = slice(-self.window, None)  # only the last window can ever be attended to
+        device = next(self.model.parameters()).device
+        as_batch = lambda a: torch.as_tensor(np.asarray(a)[keep], device=device).view(1, -1)  # noqa: E731
+        output = self.model(as_batch(tokens), as_batch(bars), as_batch(beats), past=self.past)
+        self.past = [self._trim(past, new) for past, new in zip(self.past or [None] * len(output.present), output.present)]
+        return output.logits[0, -1]
+
+    def _trim(self, past: KV | None, new: KV) -> KV:
+        if past is not None:
+            new = KV(
+                torch.cat([past.keys, new.keys], 2), torch.cat([past.values, new.values], 2), torch.cat([past.valid, new.valid], 1)
+            )
+        room = self.window - 1  # the next query is the window's last token
+        if new.length > room:
+            new = KV(new.keys[:, :, -room:], new.values[:, :, -room:], new.valid[:, -room:])
+        return new
+
+
+@dataclass
+class Generation:
+    sequence: TokenSequence  # prompt + continuation
+    prompt_length: int  # tokens of the prompt
+    continuation_step: int  # onset of the first generated note, or the prompt's end if that comes first
+    grid: BarGrid
+    tempo_qpm: float
+
+
+def generate(
+    trained: TrainedModel,
+    prompt: Prompt,
+    sampling: SamplingConfig,
+    bars: int | None = None,
+    new_tokens: int | None = None,
+) -> Generation:
+    """Continue `prompt` by `bars` bars or by `new_tokens` tokens."""
+    if (bars is None) == (new_tokens is None):
+        raise MidigenError("give exactly one of --bars or --tokens")
+    if (bars is not None and bars < 1) or (new_tokens is not None and new_tokens < 1):
+        raise MidigenError("--bars and --tokens must be at least 1")
+    tokenizer = SeedTokenizer(trained.tokenizer)
+    vocab = tokenizer.vocab
+    grammar = Grammar(vocab)
+    for token in prompt.sequence.tokens.tolist():
+        grammar.feed(token)
+    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed() % 2**63))
+    decoder = SlidingWindowDecoder(trained.model)
+    seq = prompt.sequence
+    tokens, steps = seq.tokens.tolist(), seq.steps.tolist()
+    bar_list, beat_list = seq.bars.tolist(), seq.beats.tolist()
+    end_step = prompt.grid.bar_start(prompt.bars + bars) if bars is not None else None
+    logits = decoder(seq.tokens, seq.bars, seq.beats)
+    produced = 0
+    while True:
+        allowed = torch.as_tensor(grammar.allowed(allow_end=False), device=logits.device)
+        token = sample_token(logits, allowed, sampling, generator)
+        step = steps[-1]
+        if tokens[-1] == Vocab.SEP and vocab.is_duration(token):
+            step += token - vocab.duration_offset + 1
+        bar, beat = (int(a[0]) for a in prompt.grid.locate(np.array([step])))
+        tokens.append(token)
+        steps.append(step)
+        bar_list.append(bar)
+        beat_list.append(beat)
+        grammar.feed(token)
+        produced += 1
+        if (new_tokens is not None and produced >= new_tokens) or (end_step is not None and step >= end_step):
+            break
+        logits = decoder(np.array([token]), np.array([bar]), np.array([beat]))
+    sequence = TokenSequence(*(np.array(a, dtype=np.int64) for a in (tokens, steps, bar_list, beat_list)), prompt.grid)
+    return Generation(sequence, len(seq), continuation_start(sequence, len(seq), prompt, vocab), prompt.grid,
+                      prompt.tempo_qpm)
+
+
+def continuation_start(sequence: TokenSequence, prompt_length: int, prompt: Prompt, vocab: Vocab) -> int:
+    """The prompt's end, or earlier if the model's first note joins the prompt's last bar."""
+    new = sequence.tokens[prompt_length:]
+    notes = np.flatnonzero((new >= vocab.note_offset) & (new < vocab.duration_offset))
+    first_note_step = int(sequence.steps[prompt_length + notes[0]]) if notes.size else prompt.end_step
+    return min(prompt.end_step, first_note_step)
+
+
+def generation_score(generation: Generation, tokenizer: SeedTokenizer) -> symusic.Score:
+    """The prompt and its continuation as MIDI, with a marker where the continuation starts."""
+    score = tokenizer.decode(generation.sequence.tokens, generation.tempo_qpm, generation.grid)
+    if generation.prompt_length > 1:
+        ticks_per_step = score.ticks_per_quarter // tokenizer.config.steps_per_quarter
+        score.markers.append(symusic.TextMeta(generation.continuation_step * ticks_per_step, CONTINUATION_MARKER))
+    return score
+
+
+def write_generation(generation: Generation, tokenizer: SeedTokenizer, path: str | Path) -> symusic.Score:
+    score = generation_score(generation, tokenizer)
+    if score.note_num() == 0:
+        raise MidigenError("the generation holds no notes")
+    write_midi(score, path)
+    return score

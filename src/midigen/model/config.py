@@ -1,0 +1,91 @@
+"""`ModelConfig`: everything needed to rebuild a model, saved inside each checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from midigen.codec.config import TokenizerConfig
+from midigen.config import JsonConfig
+from midigen.errors import MidigenError
+
+MEMORY_MODES = ("none", "xl", "knn")
+
+
+@dataclass(frozen=True)
+class ModelConfig(JsonConfig):
+    """A decoder-only music transformer.
+
+    vocab_size, beat_positions: from the tokenizer (`ModelConfig.for_tokenizer`).
+    num_bars: bar embeddings; the bar index is taken modulo this (position in a phrase of that many bars).
+    context: tokens per segment (training window, and the generation window without memory).
+    rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
+        buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
+    memory: "none", "xl" (each layer also attends to the previous segment) or "knn" (XL, plus a
+        kNN memory of the whole song so far on one layer).
+    xl_length: how many past tokens the XL memory keeps (0 = one segment, i.e. `context`).
+    knn_layer: index of the kNN layer; negative counts from the top (-4 = 4th from the top).
+    knn_top_k, knn_capacity: neighbours retrieved per query and head; entries kept per lane (FIFO).
+    """
+
+    vocab_size: int = 388
+    beat_positions: int = 64
+    num_bars: int = 32
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    context: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    rel_pos_buckets: int = 32
+    rel_pos_max_distance: int = 512
+    tie_embeddings: bool = True
+    use_bar_beat: bool = True
+    memory: str = "none"
+    xl_length: int = 0
+    knn_layer: int = -4
+    knn_top_k: int = 32
+    knn_capacity: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise MidigenError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.memory not in MEMORY_MODES:
+            raise MidigenError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
+        if self.context < 2:
+            raise MidigenError(f"context must be at least 2, got {self.context}")
+        if not -self.n_layers <= self.knn_layer < self.n_layers:
+            raise MidigenError(f"knn_layer {self.knn_layer} is outside a {self.n_layers}-layer model")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def memory_length(self) -> int:
+        """Past tokens each layer attends to besides its own segment (0 without XL memory)."""
+        if self.memory == "none":
+            return 0
+        return self.xl_length or self.context
+
+    @property
+    def knn_layer_index(self) -> int | None:
+        if self.memory != "knn":
+            return None
+        return self.knn_layer % self.n_layers
+
+    @classmethod
+    def preset(cls, name: str, tokenizer: TokenizerConfig | None = None, **overrides: object) -> ModelConfig:
+        if name not in PRESETS:
+            raise MidigenError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        tokenizer = tokenizer or TokenizerConfig()
+        base = cls(vocab_size=tokenizer.vocab.size, beat_positions=tokenizer.beat_positions)
+        return replace(base, **(PRESETS[name] | overrides))  # type: ignore[arg-type]
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=2, context=64, num_bars=8, rel_pos_buckets=16,
+                 rel_pos_max_distance=128, knn_layer=-1, knn_top_k=8, knn_capacity=4096),
+    "small": dict(d_model=192, n_layers=4, n_heads=4, context=256, dropout=0.1, attn_dropout=0.0),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, context=256),
+}

@@ -1,0 +1,207 @@
+"""The music transformer: a decoder-only, pre-norm transformer with relative-position attention.
+
+Inputs are token + bar + position-in-bar embeddings; there is no absolute position embedding, so
+a window can slide or be extended by memory without re-encoding anything. Every layer adds a learned
+T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores.
+
+Memory hooks: each layer may attend to `past` keys/values prepended to its own (the XL memory when
+training, the KV cache when generating; both are the same mechanism), and returns the keys/values
+of the current tokens so the caller can keep them. One layer may also read a kNN memory
+(Memorizing Transformers): it retrieves the top-k past keys for each query and mixes that
+attention with the local one through a learned per-head gate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from midigen.model.config import ModelConfig
+
+
+@dataclass
+class KV:
+    """Keys and values of some past tokens of one layer, and which of them exist for each lane."""
+
+    keys: Tensor  # (B, H, P, D)
+    values: Tensor  # (B, H, P, D)
+    valid: Tensor  # (B, P) bool; False where a lane has no such token (start of a song, padding)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+class Retriever(Protocol):
+    """A kNN memory: for each query, the top-k stored keys/values of the same lane and head."""
+
+    def search(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """queries (B, H, T, D) → keys (B, H, T, K, D), values (B, H, T, K, D), valid (B, H, T, K)."""
+        ...
+
+
+def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """T5 buckets for causal distances (>= 0): exact below num_buckets/2, logarithmic above."""
+    distance = distance.clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).long()
+    return torch.where(distance < exact, distance, large.clamp(max=num_buckets - 1))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, with_knn: bool = False) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.rel_bias = nn.Embedding(config.rel_pos_buckets, config.n_heads)
+        self.attn_dropout = config.attn_dropout
+        self.with_knn = with_knn
+        if with_knn:
+            # cosine-similarity attention, so kNN search (inner product of unit vectors) ranks keys as attention does
+            self.log_temperature = nn.Parameter(torch.full((config.n_heads, 1, 1), math.log(10.0)))
+            # sigmoid(gate) weighs memory against local attention per head (Memorizing Transformers)
+            self.gate = nn.Parameter(torch.zeros(config.n_heads, 1, 1))
+
+    def forward(
+        self, x: Tensor, buckets: Tensor, allowed: Tensor, past: KV | None, knn: Retriever | None
+    ) -> tuple[Tensor, KV]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        scale = None
+        if self.with_knn:
+            q = F.normalize(q, dim=-1) * self.log_temperature.exp()
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        present = KV(k, v, torch.ones(B, T, dtype=torch.bool, device=x.device))
+        if past is not None:
+            k = torch.cat([past.keys, k], dim=2)  # (B, H, P+T, D)
+            v = torch.cat([past.values, v], dim=2)
+        bias = self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
+        mask = bias.masked_fill(~allowed, float("-inf"))  # (B or 1, H, T, S)
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, H, T, D)
+        if knn is not None:
+            y = self.mix_memory(q, y, knn, dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), present
+
+    def mix_memory(self, q: Tensor, local: Tensor, knn: Retriever, dropout: float) -> Tensor:
+        """Attend over the retrieved neighbours, then gate: g·memory + (1 − g)·local."""
+        unit_q = F.normalize(q, dim=-1)
+        keys, values, valid = knn.search(unit_q.detach())  # (B, H, T, K, D) ×2, (B, H, T, K)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q, keys).masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no memory yet gets zeros
+        weights = F.dropout(weights, dropout, self.training)
+        memory = torch.einsum("bhtk,bhtkd->bhtd", weights, values)
+        has_memory = valid.any(dim=-1, keepdim=True)  # (B, H, T, 1)
+        gate = torch.sigmoid(self.gate) * has_memory
+        return gate * memory + (1 - gate) * local
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, with_knn: bool = False) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config, with_knn)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        hidden = config.mlp_ratio * config.d_model
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, buckets: Tensor, allowed: Tensor, past: KV | None, knn: Retriever | None
+    ) -> tuple[Tensor, KV]:
+        attended, present = self.attn(self.ln1(x), buckets, allowed, past, knn)
+        x = x + self.drop(attended)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, present
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None  # mean cross-entropy over non-padding targets
+    present: list[KV]  # per layer, keys/values of this segment's tokens
+
+
+class MusicTransformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.bar_emb = nn.Embedding(config.num_bars, config.d_model)
+        self.beat_emb = nn.Embedding(config.beat_positions, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        knn_layer = config.knn_layer_index
+        self.blocks = nn.ModuleList([Block(config, with_knn=i == knn_layer) for i in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for block in self.blocks:  # GPT-2: scale the residual projections by depth
+            for layer in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, T)
+        bars: Tensor | None = None,  # (B, T)
+        beats: Tensor | None = None,  # (B, T)
+        targets: Tensor | None = None,  # (B, T); padding (id 0) is not scored
+        past: list[KV] | None = None,
+        knn: Retriever | None = None,
+    ) -> ModelOutput:
+        B, T = tokens.shape
+        x = self.tok_emb(tokens)
+        if self.config.use_bar_beat and bars is not None and beats is not None:
+            x = x + self.bar_emb(bars % self.config.num_bars) + self.beat_emb(beats.clamp(max=self.config.beat_positions - 1))
+        x = self.drop(x)  # (B, T, C)
+        buckets, allowed = self.attention_layout(T, past[0] if past else None, tokens.device)
+        present = []
+        knn_layer = self.config.knn_layer_index
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, buckets, allowed, past[i] if past else None, knn if i == knn_layer else None)
+            present.append(kv)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=0)
+        return ModelOutput(logits, loss, present)
+
+    def attention_layout(self, T: int, past: KV | None, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Relative-position buckets (T, P+T) and the allowed-attention mask (B or 1, 1, T, P+T).
+
+        Query i sits at absolute index P+i; key j at j (memory or cache) and P+j (this segment), so
+        the distance to a memory key is P + i − j: memory keys are further away than every key of
+        the segment, and the bias sees that.
+        """
+        P = past.length if past is not None else 0
+        query_pos = torch.arange(P, P + T, device=device).unsqueeze(1)  # (T, 1)
+        key_pos = torch.arange(P + T, device=device).unsqueeze(0)  # (1, P+T)
+        distance = query_pos - key_pos  # (T, P+T)
+        buckets = relative_buckets(distance, self.config.rel_pos_buckets, self.config.rel_pos_max_distance)
+        allowed = (distance >= 0).view(1, 1, T, P + T)
+        if past is not None:
+            lane_valid = torch.cat([past.valid, torch.ones(past.valid.shape[0], T, dtype=torch.bool, device=device)], 1)
+            allowed = allowed & lane_valid.view(-1, 1, 1, P + T)  # empty memory is masked, never attended as zeros
+        return buckets, allowed

@@ -1,0 +1,59 @@
+"""`TrainConfig`: how a model is trained, saved inside each checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from midigen.config import JsonConfig
+from midigen.errors import MidigenError
+
+BATCHING_MODES = ("random", "song", "contiguous")
+DATA_LOCATIONS = ("auto", "gpu", "cpu", "memmap")
+
+
+@dataclass(frozen=True)
+class TrainConfig(JsonConfig):
+    """Optimisation and budget.
+
+    max_steps: length of the learning-rate schedule; training stops there.
+    max_minutes: wall-clock budget of one invocation; when it runs out a checkpoint is written and
+        training stops (resume to go on). Without max_steps the schedule follows the time budget.
+    eval_windows: size of the fixed validation set (windows evenly spread over the split).
+    """
+
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_windows: int = 256
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    batching: str = "random"
+    max_transpose: int = 5
+    data_location: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_minutes is None:
+            raise MidigenError("give a training budget: max_steps, max_minutes or both")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise MidigenError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise MidigenError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.batching not in BATCHING_MODES:
+            raise MidigenError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        if self.data_location not in DATA_LOCATIONS:
+            raise MidigenError(f"data location must be one of {', '.join(DATA_LOCATIONS)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise MidigenError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.batch_size < 1:
+            raise MidigenError(f"batch_size must be >= 1, got {self.batch_size}")

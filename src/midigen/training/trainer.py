@@ -1,0 +1,349 @@
+"""A generic trainer: optimiser, schedule, budgets, logging, checkpoints, resume, DDP.
+
+It knows nothing about music: it draws batches from an iterator, asks `loss_fn` for a loss and
+`evaluate` for validation figures, and checkpoints whatever `stateful` objects it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from midigen.errors import MidigenError
+from midigen.io_utils import atomic_path
+from midigen.training.config import TrainConfig
+from midigen.training.distributed import Distributed
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+CHECKPOINT_FORMAT = 1
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]  # → (loss, scored tokens)
+
+
+@dataclass
+class FitResult:
+    step: int
+    train_loss: float | None
+    val: dict[str, float]
+    interrupted: bool
+    stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr_ratio` as progress goes 0 → 1."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    floor = config.learning_rate * config.min_lr_ratio
+    return floor + 0.5 * (config.learning_rate - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C (or SIGTERM) into a request to stop after the current step.
+
+    The loop then writes a checkpoint and returns; a second Ctrl-C interrupts at once.
+    """
+    requested = False
+
+    def request(signum: int, frame: object) -> None:
+        nonlocal requested
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def rank_checkpoint_path(run_dir: Path, rank: int) -> Path:
+    """Rank 0's state is inside checkpoint.pt; other ranks keep their data/RNG state beside it."""
+    return run_dir / (CHECKPOINT_FILE if rank == 0 else f"checkpoint.rank{rank}.pt")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        run_dir: str | Path,
+        batches: Iterator[dict[str, np.ndarray]],
+        loss_fn: LossFn,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        dist: Distributed,
+        saved_configs: dict[str, dict[str, Any]],
+        stateful: dict[str, Stateful] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.dist, self.run_dir = config, dist, Path(run_dir)
+        self.model = model.to(dist.device)
+        self.batches, self.loss_fn, self.evaluate = batches, loss_fn, evaluate
+        self.saved_configs = saved_configs
+        self.stateful = stateful or {}
+        self.progress = progress and dist.is_main
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.elapsed_s = 0.0  # training time over all invocations (resumes included)
+        self.best_val: float | None = None
+        wrapped: nn.Module = self.model
+        if dist.enabled:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_model = torch.compile(wrapped) if config.compile else wrapped
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
+        )
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = self.dist.device.type == "cuda"
+        return torch.optim.AdamW(
+            groups, lr=self.config.learning_rate, betas=(self.config.beta1, self.config.beta2), fused=fused
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return {"rng": rng, "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
+
+    def save_checkpoint(self) -> None:
+        state = self._rank_state()
+        if self.dist.is_main:
+            state.update(
+                format=CHECKPOINT_FORMAT,
+                configs=self.saved_configs,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler={"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val},
+                world_size=self.dist.world_size,
+            )
+        with atomic_path(rank_checkpoint_path(self.run_dir, self.dist.rank)) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> None:
+        main = load_checkpoint_file(self.run_dir / CHECKPOINT_FILE)
+        self.model.load_state_dict(main["model"])
+        self.optimizer.load_state_dict(main["optimizer"])
+        schedule = main["scheduler"]
+        self.step, self.elapsed_s, self.best_val = schedule["step"], schedule["elapsed_s"], schedule["best_val"]
+        own = main
+        if self.dist.rank != 0:
+            path = rank_checkpoint_path(self.run_dir, self.dist.rank)
+            own = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if own is None or main.get("world_size", 1) != self.dist.world_size:
+            return  # another world size: weights and optimiser resume, data order starts afresh
+        torch.set_rng_state(own["rng"]["torch"])
+        if "cuda" in own["rng"] and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(own["rng"]["cuda"], self.dist.device)
+        for name, obj in self.stateful.items():
+            if name in own["stateful"]:
+                obj.load_state_dict(own["stateful"][name])
+
+    # ---- logging ------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop rows logged after the checkpoint we resume from, so they are not written twice."""
+        path = self.run_dir / METRICS_FILE
+        if not self.dist.is_main or not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _progress(self, invocation_start: float) -> float:
+        if self.config.max_steps is not None:
+            return self.step / self.config.max_steps
+        return (self.elapsed_s + time.monotonic() - invocation_start) / (60 * self.config.max_minutes)  # type: ignore[operator]
+
+    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> tuple[float, int]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tensors = {name: torch.as_tensor(array).to(self.dist.device, non_blocking=True) for name, array in batch.items()}
+        self.train_model.train()
+        with self.autocast:
+            loss, scored = self.loss_fn(self.train_model, tensors)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), scored
+
+    def _validate(self) -> dict[str, float]:
+        self.model.eval()
+        with self.autocast:
+            figures = self.evaluate(self.model)
+        if self.best_val is None or figures["val_loss"] < self.best_val:
+            self.best_val = figures["val_loss"]
+        return figures
+
+    def fit(self, resume: bool = False) -> FitResult:
+        from tqdm import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            if not (self.run_dir / CHECKPOINT_FILE).exists():
+                raise MidigenError(f"{self.run_dir}: nothing to resume (no {CHECKPOINT_FILE})")
+            self.load_checkpoint()
+            self._trim_metrics()
+        elif (self.run_dir / CHECKPOINT_FILE).exists():
+            raise MidigenError(f"{self.run_dir}: already holds a run; pass --resume to continue it or use a new folder")
+        cfg = self.config
+        start = time.monotonic()
+        last_checkpoint = start
+        window_start, window_tokens, window_losses = start, 0, []
+        last_loss: float | None = None
+        val: dict[str, float] = {}
+        stopped_by = "max_steps"
+        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress)
+        with bar, stop_requests() as stop_requested:
+            while True:
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    break
+                if cfg.max_minutes is not None and time.monotonic() - start >= 60 * cfg.max_minutes:
+                    stopped_by = "max_minutes"
+                    break
+                if self._agree(stop_requested()):
+                    stopped_by = "interrupt"
+                    break
+                lr = learning_rate(cfg, self.step, self._progress(start))
+                loss, scored = self._train_step(next(self.batches), lr)
+                self.step += 1
+                window_losses.append(loss)
+                window_tokens += scored * self.dist.world_size
+                bar.update(1)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    now = time.monotonic()
+                    last_loss = float(np.mean(window_losses))
+                    row: dict[str, Any] = {
+                        "step": self.step,
+                        "train_loss": last_loss,
+                        "lr": lr,
+                        "tokens_per_s": window_tokens / max(1e-9, now - window_start),
+                        "elapsed_s": self.elapsed_s + now - start,
+                    }
+                    if self.step % cfg.eval_interval == 0:
+                        val = self._validate()
+                        row.update(val)
+                    self._log(row)
+                    if "val_loss" in row:
+                        self._plot()
+                    bar.set_postfix(self._postfix(row, start), refresh=False)
+                    window_start, window_tokens, window_losses = time.monotonic(), 0, []
+                if time.monotonic() - last_checkpoint > 60 * cfg.checkpoint_minutes:
+                    self._checkpoint(start)
+                    last_checkpoint = time.monotonic()
+            if stopped_by != "interrupt" and (not val or self.step % cfg.eval_interval):
+                val = self._validate()
+                self._log({"step": self.step, **val, "elapsed_s": self.elapsed_s + time.monotonic() - start})
+            self._checkpoint(start)
+            self._plot()
+        return FitResult(self.step, last_loss, val, stopped_by == "interrupt", stopped_by)
+
+    def _agree(self, flag: bool) -> bool:
+        """Under DDP every rank must stop at the same step, or the next collective would hang."""
+        if not self.dist.enabled:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.dist.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def _checkpoint(self, invocation_start: float) -> None:
+        now = time.monotonic()
+        self.elapsed_s += now - invocation_start
+        self.save_checkpoint()
+        self.elapsed_s -= now - invocation_start  # fit() keeps counting from its own start
+
+    def _postfix(self, row: dict[str, Any], start: float) -> dict[str, str]:
+        postfix = {"loss": f"{row['train_loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if "val_loss" in row:
+            postfix["val"] = f"{row['val_loss']:.3f}"
+        if self.config.max_minutes is not None:
+            left = max(0.0, 60 * self.config.max_minutes - (time.monotonic() - start))
+            postfix["budget left"] = f"{left / 60:.1f} min"
+        return postfix
+
+    def _plot(self) -> None:
+        if self.dist.is_main:
+            plot_losses(self.run_dir / METRICS_FILE, self.run_dir / LOSS_PLOT_FILE)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Train and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, or a one-line error saying why it cannot be used."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.exists():
+        raise MidigenError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise MidigenError(f"{path}: not a readable midigen checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "configs" not in state:
+        raise MidigenError(f"{path}: not a midigen checkpoint")
+    return state

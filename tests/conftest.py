@@ -1,0 +1,40 @@
+"""Shared fixtures: real MIDI files, a token store made from them, and a tiny trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+PROMPTS = sorted((DATA / "prompts").glob("*.mid"))
+
+
+@pytest.fixture(scope="session")
+def prompt_files() -> list[Path]:
+    return PROMPTS
+
+
+@pytest.fixture(scope="session")
+def prompt_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 19 real prompt excerpts encoded into a token store."""
+    from midigen.data.encode import encode_files
+
+    root = tmp_path_factory.mktemp("store") / "prompts"
+    encode_files([DATA / "prompts"], root, workers=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, prompt_store: Path) -> Path:
+    """A tiny model trained for a few steps on the prompt store."""
+    from midigen.codec import TokenizerConfig
+    from midigen.model import ModelConfig
+    from midigen.training.config import TrainConfig
+    from midigen.training.recipe import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    model_config = ModelConfig.preset("tiny", TokenizerConfig())
+    train_config = TrainConfig(max_steps=30, batch_size=4, eval_interval=15, log_interval=5, warmup_steps=5, device="cpu")
+    train(prompt_store, run, model_config, train_config, progress=False)
+    return run

@@ -1,0 +1,158 @@
+"""The transformer: KV-cache parity with full recomputation, causality, relative positions, dropout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from midigen.codec import TokenizerConfig
+from midigen.generation.generate import SlidingWindowDecoder
+from midigen.model import KV, ModelConfig, MusicTransformer
+from midigen.model.transformer import relative_buckets
+from midigen.training.config import TrainConfig
+
+
+def tiny(**overrides: object) -> MusicTransformer:
+    torch.manual_seed(0)
+    return MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig(), **overrides)).eval()
+
+
+def random_inputs(T: int, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randint(4, 388, (B, T), generator=g),
+        torch.randint(0, 40, (B, T), generator=g),
+        torch.randint(0, 64, (B, T), generator=g),
+    )
+
+
+def concat(past: list[KV] | None, present: list[KV]) -> list[KV]:
+    if past is None:
+        return present
+    return [
+        KV(torch.cat([p.keys, c.keys], 2), torch.cat([p.values, c.values], 2), torch.cat([p.valid, c.valid], 1))
+        for p, c in zip(past, present)
+    ]
+
+
+@pytest.mark.parametrize("use_bar_beat", [True, False])
+@pytest.mark.parametrize("first_chunk", [1, 13])
+def test_kv_cache_matches_full_forward(use_bar_beat: bool, first_chunk: int) -> None:
+    model = tiny(use_bar_beat=use_bar_beat)
+    tokens, bars, beats = random_inputs(40)
+    with torch.no_grad():
+        full = model(tokens, bars, beats).logits
+        out = model(tokens[:, :first_chunk], bars[:, :first_chunk], beats[:, :first_chunk])
+        past, pieces = out.present, [out.logits]
+        for t in range(first_chunk, 40):
+            out = model(tokens[:, t : t + 1], bars[:, t : t + 1], beats[:, t : t + 1], past=past)
+            past = concat(past, out.present)
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
+
+
+def test_bar_and_beat_inputs_change_the_output() -> None:
+    model = tiny()
+    tokens, bars, beats = random_inputs(16)
+    with torch.no_grad():
+        a = model(tokens, bars, beats).logits
+        b = model(tokens, bars, (beats + 1) % 64).logits
+    assert not torch.allclose(a, b)
+
+
+def test_future_tokens_do_not_change_past_logits() -> None:
+    model = tiny()
+    tokens, bars, beats = random_inputs(30)
+    changed = tokens.clone()
+    changed[:, 20:] = 5
+    with torch.no_grad():
+        a = model(tokens, bars, beats).logits
+        b = model(changed, bars, beats).logits
+    torch.testing.assert_close(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_sliding_window_equals_full_forward_over_the_last_window() -> None:
+    """One layer, so a cached key depends on its own token only: past the context the decoder must
+    attend to exactly the last `context` tokens, with the same relative distances."""
+    model = tiny(n_layers=1, context=16, knn_layer=0)
+    tokens, bars, beats = (x[0].numpy() for x in random_inputs(50, B=1))
+    decoder = SlidingWindowDecoder(model)
+    decoder(tokens[:1], bars[:1], beats[:1])
+    for t in range(1, 50):
+        logits = decoder(tokens[t : t + 1], bars[t : t + 1], beats[t : t + 1])
+        start = max(0, t + 1 - 16)
+        window = [torch.as_tensor(x[start : t + 1]).view(1, -1) for x in (tokens, bars, beats)]
+        with torch.no_grad():
+            expected = model(*window).logits[0, -1]
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_relative_buckets_are_exact_then_logarithmic() -> None:
+    distance = torch.arange(0, 2000)
+    buckets = relative_buckets(distance, num_buckets=32, max_distance=512)
+    assert torch.equal(buckets[:16], torch.arange(16))
+    assert (buckets[1:] >= buckets[:-1]).all()
+    # 16 + floor(16 · log(d / 16) / log(512 / 16)) reaches the last bucket, 31, at d = 16 · 32^(15/16) ≈ 412.3
+    assert buckets[412] == 30 and buckets[413:].eq(31).all()
+    assert relative_buckets(torch.tensor([-5]), 32, 512).item() == 0
+
+
+def test_memory_keys_are_further_away_than_the_segment() -> None:
+    model = tiny()
+    past = KV(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), torch.tensor([[False, False, True, True, True]]))
+    buckets, allowed = model.attention_layout(3, past, torch.device("cpu"))
+    # query 0 sits at absolute index 5: distance 5 to key 0, 0 to itself
+    assert buckets.shape == (3, 8) and buckets[0, 0] == 5 and buckets[0, 5] == 0
+    assert not allowed[0, 0, 0, :2].any()  # empty memory is masked out
+    assert allowed[0, 0, 0, 2:6].all() and not allowed[0, 0, 0, 6:].any()  # causal inside the segment
+
+
+@pytest.mark.parametrize("field", ["dropout", "attn_dropout"])
+def test_dropout_applies_in_training_only(field: str) -> None:
+    model = tiny(**({"dropout": 0.0, "attn_dropout": 0.0} | {field: 0.5}))
+    tokens, bars, beats = random_inputs(20)
+    model.train()
+    a, b = model(tokens, bars, beats).logits, model(tokens, bars, beats).logits
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, bars, beats).logits, model(tokens, bars, beats).logits)
+
+
+def test_padding_targets_are_not_scored() -> None:
+    model = tiny()
+    tokens, bars, beats = random_inputs(20, B=1)
+    targets = tokens.roll(-1, 1)
+    padded = targets.clone()
+    padded[:, 10:] = 0
+    with torch.no_grad():
+        logits = model(tokens, bars, beats).logits
+        loss = model(tokens, bars, beats, targets=padded).loss
+    expected = torch.nn.functional.cross_entropy(logits[0, :10], targets[0, :10])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_output_head_is_tied_to_token_embedding() -> None:
+    model = tiny()
+    assert model.head.weight is model.tok_emb.weight
+    assert tiny(tie_embeddings=False).head.weight is not tiny(tie_embeddings=False).tok_emb.weight
+
+
+@pytest.mark.parametrize("config", [ModelConfig.preset("small"), TrainConfig(max_steps=3), TokenizerConfig(max_duration=64)])
+def test_configs_save_and_load_back_equal(config, tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "config.json"
+    config.save(path)
+    assert type(config).load(path) == config
+    assert dataclasses.asdict(type(config).load(path)) == dataclasses.asdict(config)
+
+
+def test_presets_have_the_documented_sizes() -> None:
+    base = ModelConfig.preset("base")
+    assert (base.n_layers, base.d_model, base.n_heads, base.context) == (8, 512, 8, 256)
+    tiny_config = ModelConfig.preset("tiny")
+    assert (tiny_config.d_model, tiny_config.n_layers) == (32, 2)
+    assert np.isclose(sum(p.numel() for p in MusicTransformer(tiny_config).parameters()), tiny().num_parameters())

@@ -1,0 +1,119 @@
+"""Training: exact resume, graceful Ctrl-C, budgets, run folders, DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from midigen.codec import TokenizerConfig
+from midigen.data.batching import RandomChunks
+from midigen.errors import MidigenError
+from midigen.model import ModelConfig
+from midigen.training.config import TrainConfig
+from midigen.training.recipe import load_trained, train
+from midigen.training.trainer import learning_rate
+
+MODEL = ModelConfig.preset("tiny", TokenizerConfig())
+
+
+def config(**overrides: object) -> TrainConfig:
+    settings = dict(max_steps=8, batch_size=2, eval_interval=4, log_interval=2, warmup_steps=2, device="cpu")
+    return TrainConfig(**(settings | overrides))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_trained(run).model.state_dict()
+
+
+def interrupt_at_batch(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """Send ourselves Ctrl-C while the trainer draws its `batch`-th batch."""
+    original = RandomChunks.__next__
+    drawn = 0
+
+    def next_then_interrupt(self: RandomChunks):  # noqa: ANN202
+        nonlocal drawn
+        drawn += 1
+        if drawn == batch:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(RandomChunks, "__next__", next_then_interrupt)
+
+
+def test_resume_after_ctrl_c_gives_the_same_weights(prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    straight, result = tmp_path / "straight", None
+    result, _ = train(prompt_store, straight, MODEL, config(), progress=False)
+    assert result.step == 8 and not result.interrupted
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        interrupt_at_batch(patch, 4)
+        first, _ = train(prompt_store, resumed, MODEL, config(), progress=False)
+    assert first.interrupted and first.step == 4  # the step in flight finishes, then a checkpoint is written
+    assert load_trained(resumed).step == 4
+    second, _ = train(prompt_store, resumed, None, config(), resume=True, progress=False)
+    assert second.step == 8
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_holds_checkpoint_metrics_and_loss_curve(tiny_run: Path) -> None:
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "train_loss", "lr", "tokens_per_s", "elapsed_s"} <= rows[0].keys()
+    assert any("val_loss" in row for row in rows)
+    assert rows[-1]["step"] == 30
+    assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trained = load_trained(tiny_run)
+    assert trained.model_config == MODEL and trained.tokenizer == TokenizerConfig() and trained.step == 30
+    train_losses = [row["train_loss"] for row in rows if "train_loss" in row]
+    assert train_losses[-1] < train_losses[0]  # it learns
+
+
+def test_existing_run_is_not_overwritten(tiny_run: Path, prompt_store: Path) -> None:
+    with pytest.raises(MidigenError, match="--resume"):
+        train(prompt_store, tiny_run, MODEL, config(), progress=False)
+
+
+def test_resume_needs_a_checkpoint(prompt_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(MidigenError, match="no such checkpoint|nothing to resume"):
+        train(prompt_store, tmp_path / "empty", None, config(), resume=True, progress=False)
+
+
+def test_time_budget_stops_training(prompt_store: Path, tmp_path: Path) -> None:
+    result, _ = train(prompt_store, tmp_path / "timed", MODEL, config(max_steps=None, max_minutes=0.002), progress=False)
+    assert result.stopped_by == "max_minutes" and result.step >= 1
+    assert load_trained(tmp_path / "timed").step == result.step
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9, 0.09) == pytest.approx(1.0)
+    assert learning_rate(cfg, 50, 0.5) == pytest.approx(0.55)
+    assert learning_rate(cfg, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_two_ddp_processes_keep_identical_weights(prompt_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).parent / "ddp_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               str(prompt_store), str(tmp_path / "run"), str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    for name, tensor in rank0["weights"].items():
+        torch.testing.assert_close(tensor, rank1["weights"][name], atol=0, rtol=0)
+    assert rank0["loss"] != rank1["loss"]  # each rank trained on its own batches
+    assert load_trained(tmp_path / "run").step == 6
