@@ -25,7 +25,7 @@ def test_bigram_is_add_one_smoothed_counts() -> None:
 def test_evaluation_scores_every_token_of_the_split_once(tiny_run: Path, prompt_store: Path) -> None:
     trained = load_trained(tiny_run)
     store = TokenStore(prompt_store)
-    figures = evaluate_split(trained.model, store, "val", trained.model_config.context, batch_size=3)
+    figures = evaluate_split(trained.model, store, "val", batch_size=3)
     songs = store.split_indices("val")
     assert figures["tokens"] == sum(store.songs[i].length - 1 for i in songs)
     bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), store.config.vocab.size)

@@ -30,12 +30,7 @@ def random_inputs(T: int, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, torc
 
 
 def concat(past: list[KV] | None, present: list[KV]) -> list[KV]:
-    if past is None:
-        return present
-    return [
-        KV(torch.cat([p.keys, c.keys], 2), torch.cat([p.values, c.values], 2), torch.cat([p.valid, c.valid], 1))
-        for p, c in zip(past, present)
-    ]
+    return present if past is None else [p.then(c) for p, c in zip(past, present)]
 
 
 @pytest.mark.parametrize("use_bar_beat", [True, False])

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     store = TokenStore(args.data)
     if store.config != trained.tokenizer:
         raise MidigenError(f"{args.data}: store was encoded with another tokenizer than the model's")
-    figures = evaluate_split(trained.model, store, args.split, trained.model_config.context, args.batch_size,
+    figures = evaluate_split(trained.model, store, args.split, args.batch_size,
                              progress=True)
     by_type = ", ".join(f"{k} {v:.4f}" for k, v in figures["nll_by_type"].items() if v is not None)
     print(f"{args.split}: nll {figures['nll']:.4f} (ppl {figures['ppl']:.2f}) over {figures['tokens']} tokens; "

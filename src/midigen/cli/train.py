@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=200, help="steps between validations")
-    parser.add_argument("--batching", choices=BATCHING_MODES, default="random")
+    parser.add_argument("--batching", choices=BATCHING_MODES, default="auto",
+                        help="random chunks, or songs in order per lane (default: random without memory, contiguous with it)")
     parser.add_argument("--data-location", choices=DATA_LOCATIONS, default="auto")
     parser.add_argument("--transpose", type=int, default=5, help="random transposition range in semitones")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -1,100 +1,150 @@
-"""Batches from a token store: random chunks for training, fixed windows for evaluation.
+"""Batches from a token store.
 
-A batch is a dict of int64 arrays of shape (B, T+1): `tokens`, `bars`, `beats`. Inputs are
-`[:, :-1]`, targets `[:, 1:]`; padding is token 0 and is never scored.
+A batch is a dict of int64 tensors of shape (B, T+1), `tokens`, `bars`, `beats` (inputs are
+`[:, :-1]`, targets `[:, 1:]`; padding is token 0 and is never scored), plus `new_song` (B,) bool:
+the lane starts a song here, so its memory must be cleared first.
+
+- `RandomChunks`: random windows (no memory between batches).
+- `SongLanes("song")`: each lane holds one song, chunked in order; lanes wait for the longest.
+- `SongLanes("contiguous")`: each lane plays songs back to back; a lane that finishes a song takes
+  the next one from a shuffled queue at once, so lanes switch songs at different times. When the
+  queue runs dry the other lanes finish their songs with padding: every epoch covers every token
+  of every song exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+import os
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from midigen.codec.config import NUM_PITCHES, Vocab
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
 
-Batch = dict[str, np.ndarray]
+Batch = dict[str, Tensor]
 FIELDS = ("tokens", "bars", "beats")
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Window:
-    song: int
-    start: int
+class TokenArrays:
+    """The store's token, bar and beat arrays where training reads them: memory-mapped from disk,
+    loaded into CPU memory, or on the GPU."""
 
+    def __init__(self, store: TokenStore, location: str = "memmap", device: torch.device | None = None) -> None:
+        self.store = store
+        self.starts = np.array([s.start for s in store.songs], dtype=np.int64)
+        self.lengths = np.array([s.length for s in store.songs], dtype=np.int64)
+        self.location = resolve_location(location, store, device)
+        self.device = device if self.location == "gpu" else torch.device("cpu")
+        arrays = {name: store.arrays[name] for name in FIELDS}
+        if self.location == "memmap":
+            self.arrays: dict[str, Any] = arrays
+        elif self.location == "cpu":
+            self.arrays = {name: torch.from_numpy(np.asarray(a, dtype=np.int64)) for name, a in arrays.items()}
+        else:
+            self.arrays = {name: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device) for name, a in arrays.items()}
 
-def song_arrays(store: TokenStore) -> dict[str, np.ndarray]:
-    return {"tokens": store.arrays["tokens"], "bars": store.arrays["bars"], "beats": store.arrays["beats"]}
-
-
-def gather_windows(store: TokenStore, windows: list[Window], length: int) -> Batch:
-    """Rows of `length` tokens starting at each window, padded with 0 past the end of the song."""
-    arrays = song_arrays(store)
-    batch = {name: np.zeros((len(windows), length), dtype=np.int64) for name in FIELDS}
-    for row, window in enumerate(windows):
-        song = store.songs[window.song]
-        begin = song.start + window.start
-        end = min(song.start + song.length, begin + length)
+    def gather(self, songs: np.ndarray, offsets: np.ndarray, length: int) -> Batch:
+        """Rows of `length` tokens from `offsets` in `songs` (song −1: an idle lane), zero past a song's end."""
+        songs, offsets = np.asarray(songs, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+        active = songs >= 0
+        begin = np.where(active, self.starts[songs.clip(min=0)] + offsets, 0)
+        end = np.where(active, self.starts[songs.clip(min=0)] + self.lengths[songs.clip(min=0)], 0)
+        index = begin[:, None] + np.arange(length)[None, :]  # (B, length)
+        inside = index < end[:, None]
+        index = np.where(inside, index, 0)
+        batch = {}
         for name in FIELDS:
-            batch[name][row, : end - begin] = arrays[name][begin:end]
-    return batch
+            source = self.arrays[name]
+            if self.location == "memmap":
+                rows = torch.from_numpy(np.asarray(source[index], dtype=np.int64))
+            else:
+                rows = source[torch.as_tensor(index, device=self.device)]
+            batch[name] = rows * torch.as_tensor(inside, device=rows.device)
+        return batch
+
+    def pitch_ranges(self, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest pitch of every song (−1 / 128 where a song has no notes)."""
+        tokens = np.asarray(self.store.arrays["tokens"], dtype=np.int64)
+        is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
+        pitch = tokens - vocab.note_offset
+        song_starts = self.starts[self.lengths > 0]
+        lowest = np.full(len(self.starts), NUM_PITCHES)
+        highest = np.full(len(self.starts), -1)
+        if tokens.size:
+            lowest[self.lengths > 0] = np.minimum.reduceat(np.where(is_note, pitch, NUM_PITCHES), song_starts)
+            highest[self.lengths > 0] = np.maximum.reduceat(np.where(is_note, pitch, -1), song_starts)
+        return lowest, highest
 
 
-def transpose_notes(tokens: np.ndarray, vocab: Vocab, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Shift every note of each row by one random number of semitones in [-max_shift, max_shift].
+def resolve_location(location: str, store: TokenStore, device: torch.device | None) -> str:
+    """`auto`: the GPU when training there and the store takes under a quarter of its memory, else CPU
+    memory when it takes under a quarter of that, else memory-mapped from disk."""
+    needed = store.num_tokens * 8 * len(FIELDS)  # int64 once loaded
+    on_gpu = device is not None and device.type == "cuda"
+    if location == "gpu" and not on_gpu:
+        raise MidigenError("--data-location gpu needs training on a CUDA device")
+    if location != "auto":
+        return location
+    if on_gpu and needed < torch.cuda.mem_get_info(device)[0] / 4:
+        return "gpu"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return "cpu" if needed < ram / 4 else "memmap"
 
-    Shifts that would push a note of the row out of 0..127 are never drawn, so no note is lost.
-    """
-    if max_shift <= 0:
-        return tokens
+
+def transpose_notes(tokens: Tensor, shifts: np.ndarray, vocab: Vocab) -> Tensor:
+    """Shift the notes of each row (B, T) by its own number of semitones."""
     is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
-    pitches = np.where(is_note, tokens - vocab.note_offset, -1)
-    highest = pitches.max(axis=1)
-    lowest = np.where(is_note, pitches, NUM_PITCHES).min(axis=1)
-    low = np.maximum(-max_shift, -np.where(highest >= 0, lowest, 0))
+    return torch.where(is_note, tokens + torch.as_tensor(shifts, device=tokens.device).view(-1, 1), tokens)
+
+
+def draw_shifts(lowest: np.ndarray, highest: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """A shift in [-max_shift, max_shift] per row that keeps every note of the row inside 0..127."""
+    low = np.maximum(-max_shift, -np.minimum(lowest, NUM_PITCHES - 1).clip(min=0))
     high = np.minimum(max_shift, NUM_PITCHES - 1 - np.maximum(highest, 0))
-    shifts = np.floor(low + rng.random(tokens.shape[0]) * (high - low + 1)).astype(np.int64)
-    return np.where(is_note, tokens + shifts[:, None], tokens)
+    high = np.maximum(high, low)
+    return np.floor(low + rng.random(len(low)) * (high - low + 1)).astype(np.int64)
 
 
 class RandomChunks:
     """Endless batches of random chunks of `context + 1` tokens from the given songs.
 
     Songs are drawn in proportion to their length, so every token is equally likely to be seen.
-    The state (the random generator) is saved in checkpoints, so a resumed run sees the same batches.
+    Each chunk is transposed by a random shift that keeps its notes in range.
     """
 
-    def __init__(
-        self,
-        store: TokenStore,
-        songs: list[int],
-        context: int,
-        batch_size: int,
-        seed: int,
-        max_transpose: int = 0,
-    ) -> None:
+    def __init__(self, data: TokenArrays, songs: list[int], context: int, batch_size: int, seed: int,
+                 max_transpose: int = 0) -> None:
         if not songs:
-            raise MidigenError(f"{store.root}: no songs to train on")
-        self.store, self.songs, self.context, self.batch_size = store, np.asarray(songs), context, batch_size
+            raise MidigenError(f"{data.store.root}: no songs to train on")
+        self.data, self.songs, self.context, self.batch_size = data, np.asarray(songs), context, batch_size
         self.max_transpose = max_transpose
-        lengths = np.array([store.songs[i].length for i in songs], dtype=np.float64)
+        lengths = data.lengths[self.songs].astype(np.float64)
         self.weights = lengths / lengths.sum()
         self.rng = np.random.default_rng(seed)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> RandomChunks:
         return self
 
     def __next__(self) -> Batch:
         picks = self.songs[self.rng.choice(len(self.songs), size=self.batch_size, p=self.weights)]
-        windows = []
-        for song in picks.tolist():
-            room = max(0, self.store.songs[song].length - (self.context + 1))
-            windows.append(Window(song, int(self.rng.integers(0, room + 1))))
-        batch = gather_windows(self.store, windows, self.context + 1)
-        batch["tokens"] = transpose_notes(batch["tokens"], self.store.config.vocab, self.max_transpose, self.rng)
+        room = np.maximum(0, self.data.lengths[picks] - (self.context + 1))
+        offsets = np.floor(self.rng.random(self.batch_size) * (room + 1)).astype(np.int64)
+        batch = self.data.gather(picks, offsets, self.context + 1)
+        if self.max_transpose:
+            vocab = self.data.store.config.vocab
+            tokens = batch["tokens"]
+            is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
+            pitch = tokens - vocab.note_offset
+            lowest = torch.where(is_note, pitch, NUM_PITCHES).min(dim=1).values.cpu().numpy()
+            highest = torch.where(is_note, pitch, -1).max(dim=1).values.cpu().numpy()
+            batch["tokens"] = transpose_notes(tokens, draw_shifts(lowest, highest, self.max_transpose, self.rng), vocab)
+        batch["new_song"] = torch.ones(self.batch_size, dtype=torch.bool)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,18 +154,85 @@ class RandomChunks:
         self.rng.bit_generator.state = state["rng"]
 
 
-def evaluation_windows(store: TokenStore, songs: list[int], context: int, limit: int | None = None) -> list[Window]:
-    """Consecutive windows over each song; each token but a song's first is predicted exactly once."""
-    windows = []
-    for song in songs:
-        windows.extend(Window(song, start) for start in range(0, store.songs[song].length - 1, context))
-    if limit is None or len(windows) <= limit:
-        return windows
-    # evenly spread over the split, so a capped set still samples every part of it
-    picks = np.linspace(0, len(windows) - 1, limit).round().astype(int)
-    return [windows[i] for i in picks]
+class SongLanes:
+    """Songs played in order, one per lane, in segments of `context` tokens (see the module doc).
 
+    A segment is `context + 1` tokens whose last token is the first of the next segment, so each
+    token after a song's first is a target exactly once. A song's transposition is drawn once, when
+    its lane takes it, so the memory of a song is never transposed halfway.
+    """
 
-def batched(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
-    for first in range(0, len(windows), batch_size):
-        yield windows[first : first + batch_size]
+    def __init__(self, data: TokenArrays, songs: list[int], context: int, lanes: int, seed: int,
+                 mode: str = "contiguous", max_transpose: int = 0, shuffle: bool = True, endless: bool = True) -> None:
+        if not songs:
+            raise MidigenError(f"{data.store.root}: no songs to train on")
+        if mode not in ("song", "contiguous"):
+            raise MidigenError(f"unknown song batching mode {mode!r}")
+        self.data, self.songs, self.context, self.lanes, self.mode = data, list(songs), context, lanes, mode
+        self.max_transpose, self.shuffle, self.endless = max_transpose, shuffle, endless
+        self.rng = np.random.default_rng(seed)
+        self.lowest, self.highest = data.pitch_ranges(data.store.config.vocab)
+        self.epoch = 0
+        self.queue: list[int] = []
+        self.lane_song = np.full(lanes, -1, dtype=np.int64)
+        self.lane_offset = np.zeros(lanes, dtype=np.int64)
+        self.lane_shift = np.zeros(lanes, dtype=np.int64)
+        self.started = False
+
+    def __iter__(self) -> SongLanes:
+        return self
+
+    def _new_epoch(self) -> None:
+        order = self.rng.permutation(len(self.songs)) if self.shuffle else np.arange(len(self.songs))
+        self.queue = [self.songs[i] for i in order]
+        self.epoch += 1
+
+    def _finished(self) -> np.ndarray:
+        """Lanes with no target left in their song (idle lanes included)."""
+        lengths = np.where(self.lane_song >= 0, self.data.lengths[self.lane_song.clip(min=0)], 0)
+        return self.lane_offset + 1 >= lengths
+
+    def _take(self, lane: int) -> bool:
+        if not self.queue:
+            self.lane_song[lane] = -1
+            return False
+        song = self.queue.pop(0)
+        self.lane_song[lane], self.lane_offset[lane] = song, 0
+        self.lane_shift[lane] = draw_shifts(self.lowest[[song]], self.highest[[song]], self.max_transpose, self.rng)[0]
+        return True
+
+    def __next__(self) -> Batch:
+        if self.started:
+            self.lane_offset += self.context
+        self.started = True
+        finished = self._finished()
+        if finished.all() and not self.queue:
+            if self.epoch > 0 and not self.endless:
+                raise StopIteration
+            self._new_epoch()
+        new_song = np.zeros(self.lanes, dtype=bool)
+        if self.mode == "contiguous" or finished.all():
+            for lane in np.flatnonzero(finished):
+                new_song[lane] = self._take(int(lane)) or self.lane_song[lane] == -1
+        batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
+        batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.store.config.vocab)
+        batch["new_song"] = torch.as_tensor(new_song)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "epoch": self.epoch,
+            "queue": list(self.queue),
+            "lane_song": self.lane_song.tolist(),
+            "lane_offset": self.lane_offset.tolist(),
+            "lane_shift": self.lane_shift.tolist(),
+            "started": self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.epoch, self.queue, self.started = state["epoch"], list(state["queue"]), state["started"]
+        self.lane_song = np.array(state["lane_song"], dtype=np.int64)
+        self.lane_offset = np.array(state["lane_offset"], dtype=np.int64)
+        self.lane_shift = np.array(state["lane_shift"], dtype=np.int64)

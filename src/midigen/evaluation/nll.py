@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from midigen.codec.config import Vocab
-from midigen.data.batching import Batch
+from midigen.data.batching import Batch, SongLanes, TokenArrays
+from midigen.errors import MidigenError
+from midigen.model.memory import MemoryState
 
 TOKEN_TYPES = ("note", "duration", "sep")
 
@@ -68,34 +71,37 @@ def fit_bigram(sequences: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, batch: Batch, device: torch.device) -> np.ndarray:
-    """Per-target NLL (B, T) of a batch of windows (B, T+1)."""
-    tensors = {name: torch.as_tensor(array, device=device) for name, array in batch.items()}
-    output = model(tensors["tokens"][:, :-1], tensors["bars"][:, :-1], tensors["beats"][:, :-1])
-    logits = output.logits.float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), tensors["tokens"][:, 1:], reduction="none"
-    )  # (B, T)
-    return nll.cpu().numpy()
+def score_songs(
+    model: torch.nn.Module, data: TokenArrays, songs: list[int], lanes: int, device: torch.device
+) -> Iterator[tuple[Batch, Tensor]]:
+    """Every token of `songs` once, in order, with the model's memory: yields (batch, NLL (B, T) of its targets).
+
+    Songs are played back to back in `lanes` lanes; lanes' memories are cleared between songs.
+    """
+    model.eval()
+    memory = MemoryState(model.config, lanes, device)
+    for batch in SongLanes(data, songs, model.config.context, lanes, seed=0, shuffle=False, endless=False):
+        tensors = {name: value.to(device) for name, value in batch.items()}
+        tokens = tensors["tokens"]
+        output = memory.forward(model, tokens[:, :-1], tensors["bars"][:, :-1], tensors["beats"][:, :-1],
+                                new_song=tensors["new_song"])
+        nll = torch.nn.functional.cross_entropy(output.logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        yield batch, nll.cpu()
 
 
 def evaluate_split(
     model: torch.nn.Module,
     store: Any,
     split: str,
-    context: int,
-    batch_size: int = 32,
+    batch_size: int = 16,
     device: torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """NLL of `model` on every token of a split (non-overlapping windows), by type, and the bigram floor.
+    """NLL of `model` on every token of a split, by type, and the bigram floor.
 
     The bigram is fitted on the training split and scored on exactly the tokens the model predicts.
     """
     from tqdm import tqdm
-
-    from midigen.data.batching import batched, evaluation_windows, gather_windows
-    from midigen.errors import MidigenError
 
     songs = store.split_indices(split)
     if not songs:
@@ -104,11 +110,11 @@ def evaluate_split(
     bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), vocab.size)
     accumulator = NllAccumulator(vocab, bigram)
     device = device or next(model.parameters()).device
-    windows = evaluation_windows(store, songs, context)
-    groups = list(batched(windows, batch_size))
-    model.eval()
-    for group in tqdm(groups, desc=f"eval {split}", unit="batch", disable=not progress):
-        batch = gather_windows(store, group, context + 1)
-        nll = token_nll(model, batch, device)
-        accumulator.add(batch["tokens"][:, :-1], batch["tokens"][:, 1:], nll)
+    data = TokenArrays(store, "memmap")
+    total = int(sum(max(0, store.songs[i].length - 1) for i in songs))
+    with tqdm(total=total, desc=f"eval {split}", unit="tok", disable=not progress) as bar:
+        for batch, nll in score_songs(model, data, songs, min(batch_size, len(songs)), device):
+            tokens = batch["tokens"].numpy()
+            accumulator.add(tokens[:, :-1], tokens[:, 1:], nll.numpy())
+            bar.update(int((tokens[:, 1:] != 0).sum()))
     return {"split": split, **accumulator.result()}

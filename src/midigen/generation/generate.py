@@ -16,6 +16,7 @@ from midigen.codec.tokenizer import SeedTokenizer, TokenSequence
 from midigen.errors import BadMidiError, MidigenError
 from midigen.generation.grammar import Grammar
 from midigen.generation.sampling import SamplingConfig, sample_token
+from midigen.model.memory import MemoryState
 from midigen.model.transformer import KV, MusicTransformer
 from midigen.training.recipe import TrainedModel
 
@@ -60,33 +61,67 @@ def load_prompt(path: str | Path, bars: int, tokenizer: SeedTokenizer) -> Prompt
                   min(bars, last_bar), str(path))
 
 
+def as_batch(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array), device=device).view(1, -1)
+
+
 class SlidingWindowDecoder:
-    """Incremental decoding with a KV cache; past the context the oldest tokens slide out."""
+    """Incremental decoding with a KV cache, for models without memory: past the context the
+    oldest tokens slide out, as they would from a training window."""
 
     def __init__(self, model: MusicTransformer) -> None:
         self.model = model
         self.window = model.config.context
+        self.device = next(model.parameters()).device
         self.past: list[KV] | None = None
 
     @torch.no_grad()
     def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
         """Feed tokens (T,) and return the logits (V,) for the next one."""
         keep = slice(-self.window, None)  # only the last window can ever be attended to
-        device = next(self.model.parameters()).device
-        as_batch = lambda a: torch.as_tensor(np.asarray(a)[keep], device=device).view(1, -1)  # noqa: E731
-        output = self.model(as_batch(tokens), as_batch(bars), as_batch(beats), past=self.past)
-        self.past = [self._trim(past, new) for past, new in zip(self.past or [None] * len(output.present), output.present)]
+        inputs = (as_batch(a[keep], self.device) for a in (tokens, bars, beats))
+        output = self.model(*inputs, past=self.past)
+        room = self.window - 1  # the next query is the window's last token
+        cached = output.present if self.past is None else [p.then(n) for p, n in zip(self.past, output.present)]
+        self.past = [kv.last(room) for kv in cached]
         return output.logits[0, -1]
 
-    def _trim(self, past: KV | None, new: KV) -> KV:
-        if past is not None:
-            new = KV(
-                torch.cat([past.keys, new.keys], 2), torch.cat([past.values, new.values], 2), torch.cat([past.valid, new.valid], 1)
-            )
-        room = self.window - 1  # the next query is the window's last token
-        if new.length > room:
-            new = KV(new.keys[:, :, -room:], new.values[:, :, -room:], new.valid[:, -room:])
-        return new
+
+class MemoryDecoder:
+    """Incremental decoding for models with memory, in the segments the model was trained on.
+
+    Tokens of the current segment attend to each other (a KV cache), to the XL memory and to the
+    kNN memory; when a segment is full it is pushed into both memories rather than forgotten. A long
+    prompt is fed segment by segment the same way, so it fills the memories.
+    """
+
+    def __init__(self, model: MusicTransformer) -> None:
+        self.model = model
+        self.context = model.config.context
+        self.device = next(model.parameters()).device
+        self.memory = MemoryState(model.config, 1, self.device)
+        self.segment: list[KV] | None = None  # keys/values of the current, unfinished segment
+
+    @torch.no_grad()
+    def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
+        first = 0
+        while first < len(tokens):
+            room = self.context - (self.segment[0].length if self.segment else 0)
+            piece = slice(first, first + room)
+            output = self.model(*(as_batch(a[piece], self.device) for a in (tokens, bars, beats)),
+                                past=self._past(), knn=self.memory.knn)
+            self.segment = output.present if self.segment is None else [s.then(n) for s, n in zip(self.segment, output.present)]
+            if self.segment[0].length == self.context:
+                self.memory.remember(self.segment, torch.ones(1, self.context, dtype=torch.bool, device=self.device))
+                self.segment = None
+            first += room
+        return output.logits[0, -1]
+
+    def _past(self) -> list[KV] | None:
+        memory = self.memory.xl.past() if self.memory.xl is not None else None
+        if memory is None or self.segment is None:
+            return memory or self.segment
+        return [m.then(s) for m, s in zip(memory, self.segment)]
 
 
 @dataclass
@@ -116,7 +151,7 @@ def generate(
     for token in prompt.sequence.tokens.tolist():
         grammar.feed(token)
     generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed() % 2**63))
-    decoder = SlidingWindowDecoder(trained.model)
+    decoder = SlidingWindowDecoder(trained.model) if trained.model_config.memory == "none" else MemoryDecoder(trained.model)
     seq = prompt.sequence
     tokens, steps = seq.tokens.tolist(), seq.steps.tolist()
     bar_list, beat_list = seq.bars.tolist(), seq.beats.tolist()

@@ -36,6 +36,15 @@ class KV:
     def length(self) -> int:
         return self.keys.shape[2]
 
+    def then(self, later: KV) -> KV:
+        """These tokens followed by `later` ones."""
+        return KV(torch.cat([self.keys, later.keys], 2), torch.cat([self.values, later.values], 2),
+                  torch.cat([self.valid, later.valid], 1))
+
+    def last(self, count: int) -> KV:
+        """The newest `count` tokens."""
+        return KV(self.keys[:, :, -count:], self.values[:, :, -count:], self.valid[:, -count:])
+
 
 class Retriever(Protocol):
     """A kNN memory: for each query, the top-k stored keys/values of the same lane and head."""

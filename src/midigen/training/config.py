@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from midigen.config import JsonConfig
 from midigen.errors import MidigenError
 
-BATCHING_MODES = ("random", "song", "contiguous")
+BATCHING_MODES = ("auto", "random", "song", "contiguous")
 DATA_LOCATIONS = ("auto", "gpu", "cpu", "memmap")
 
 
@@ -18,7 +18,9 @@ class TrainConfig(JsonConfig):
     max_steps: length of the learning-rate schedule; training stops there.
     max_minutes: wall-clock budget of one invocation; when it runs out a checkpoint is written and
         training stops (resume to go on). Without max_steps the schedule follows the time budget.
-    eval_windows: size of the fixed validation set (windows evenly spread over the split).
+    eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
+    batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane; "auto" picks
+        random without memory and contiguous with it.
     """
 
     batch_size: int = 16
@@ -33,12 +35,12 @@ class TrainConfig(JsonConfig):
     max_minutes: float | None = None
     log_interval: int = 10
     eval_interval: int = 200
-    eval_windows: int = 256
+    eval_tokens: int = 65536
     checkpoint_minutes: float = 5.0
     seed: int = 0
     device: str = "auto"
     compile: bool = False
-    batching: str = "random"
+    batching: str = "auto"
     max_transpose: int = 5
     data_location: str = "auto"
 

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from midigen.codec.config import TokenizerConfig
-from midigen.data.batching import RandomChunks, batched, evaluation_windows, gather_windows
+from midigen.data.batching import RandomChunks, SongLanes, TokenArrays
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
-from midigen.evaluation.nll import token_nll
+from midigen.evaluation.nll import score_songs
 from midigen.model.config import ModelConfig
+from midigen.model.memory import MemoryState
 from midigen.model.transformer import MusicTransformer
 from midigen.training.config import TrainConfig
 from midigen.training.distributed import resolve_device, setup_distributed
@@ -59,29 +60,55 @@ def split_songs(store: TokenStore) -> tuple[list[int], list[int]]:
     return train, val or train
 
 
-def next_token_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    tokens = batch["tokens"]
-    output = model(tokens[:, :-1], batch["bars"][:, :-1], batch["beats"][:, :-1], targets=tokens[:, 1:])
-    return output.loss, int((tokens[:, 1:] != 0).sum())
+class SegmentLoss:
+    """Next-token loss of one batch, run through the lanes' memories (a no-op without memory)."""
+
+    def __init__(self, memory: MemoryState) -> None:
+        self.memory = memory
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        tokens = batch["tokens"]
+        output = self.memory.forward(model, tokens[:, :-1], batch["bars"][:, :-1], batch["beats"][:, :-1],
+                                     targets=tokens[:, 1:], new_song=batch["new_song"])
+        return output.loss, int((tokens[:, 1:] != 0).sum())
 
 
-def validation_loss(
-    store: TokenStore, songs: list[int], context: int, limit: int, batch_size: int, device: torch.device
-):
-    """A function computing mean NLL over a fixed set of validation windows."""
-    windows = evaluation_windows(store, songs, context, limit)
-    batches = [gather_windows(store, group, context + 1) for group in batched(windows, batch_size)]
+def validation_songs(store: TokenStore, songs: list[int], max_tokens: int) -> list[int]:
+    """The fixed validation set: the first songs of the split, up to `max_tokens` tokens (at least one song)."""
+    chosen, total = [], 0
+    for song in songs:
+        if chosen and total + store.songs[song].length > max_tokens:
+            break
+        chosen.append(song)
+        total += store.songs[song].length
+    return chosen
+
+
+def validation_loss(data: TokenArrays, songs: list[int], lanes: int, device: torch.device):  # noqa: ANN201
+    """A function computing the mean NLL of a model over the fixed validation songs, with its memory."""
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
-        for batch in batches:
-            nll = token_nll(model, batch, device)
+        for batch, nll in score_songs(model, data, songs, lanes, device):
             scored = batch["tokens"][:, 1:] != 0
             total += float(nll[scored].sum())
             count += int(scored.sum())
         return {"val_loss": total / max(1, count)}
 
     return evaluate
+
+
+def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig, config: TrainConfig, rank: int):  # noqa: ANN201
+    mode = config.batching
+    if mode == "auto":
+        mode = "random" if model_config.memory == "none" else "contiguous"
+    if mode == "random" and model_config.memory != "none":
+        log.warning("memory %s with random chunks: memory is cleared every batch; use contiguous batching",
+                    model_config.memory)
+    seed = config.seed * 7919 + rank
+    if mode == "random":
+        return RandomChunks(data, songs, model_config.context, config.batch_size, seed, config.max_transpose)
+    return SongLanes(data, songs, model_config.context, config.batch_size, seed, mode, config.max_transpose)
 
 
 def train(
@@ -108,16 +135,14 @@ def train(
     torch.manual_seed(train_config.seed)
     model = MusicTransformer(model_config)
     train_songs, val_songs = split_songs(store)
-    sampler = RandomChunks(
-        store,
-        train_songs,
-        model_config.context,
-        train_config.batch_size,
-        seed=train_config.seed * 7919 + dist.rank,
-        max_transpose=train_config.max_transpose,
-    )
+    data = TokenArrays(store, train_config.data_location, dist.device)
+    sampler = make_sampler(data, train_songs, model_config, train_config, dist.rank)
+    if dist.is_main:
+        log.info("%s: %d training songs, %d validation songs; data %s; %s batching; memory %s; %.2fM parameters on %s",
+                 store.root, len(train_songs), len(val_songs), data.location, type(sampler).__name__,
+                 model_config.memory, model.num_parameters() / 1e6, dist.device)
     evaluate = validation_loss(
-        store, val_songs, model_config.context, train_config.eval_windows, 2 * train_config.batch_size, dist.device
+        data, validation_songs(store, val_songs, train_config.eval_tokens), train_config.batch_size, dist.device
     )
     saved_configs: dict[str, Any] = {
         "model": model_config.to_dict(),
@@ -130,7 +155,7 @@ def train(
         train_config,
         run_dir,
         sampler,
-        next_token_loss,
+        SegmentLoss(MemoryState(model_config, train_config.batch_size, dist.device)),
         evaluate,
         dist,
         saved_configs,
@@ -163,4 +188,4 @@ def load_trained(path: str | Path, device: str = "auto") -> TrainedModel:
     )
 
 
-__all__ = ["TrainedModel", "load_trained", "next_token_loss", "open_training_store", "split_songs", "train"]
+__all__ = ["SegmentLoss", "TrainedModel", "load_trained", "open_training_store", "split_songs", "train"]

@@ -1,0 +1,218 @@
+"""Long-term memory: the Transformer-XL cache and the kNN memory (Memorizing Transformers).
+
+Both are kept per batch lane and cleared when that lane's song ends, so songs never leak into
+each other. `MemoryState.forward` runs one segment with memory and then writes the segment into it.
+
+kNN search is exact inner product on unit vectors. On the CPU it is one faiss call per step for
+all lanes and heads: an IVF-flat index whose inverted lists are the (lane, head) stores, searched
+with every query pre-assigned to its own list. Each list is a ring buffer of `capacity` entries
+(first in, first out). On a GPU without GPU faiss, the same exact search runs as batched matrix
+products in torch, where the memory already lives.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from midigen.model.config import ModelConfig
+from midigen.model.transformer import KV, ModelOutput
+
+log = logging.getLogger(__name__)
+SEARCH_CHUNK_ELEMENTS = 2**26  # bounds the score matrix of the torch search
+
+
+class XLMemory:
+    """Per layer, the keys/values of each lane's most recent `length` tokens (detached)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.layers: list[KV] | None = None
+
+    def past(self) -> list[KV] | None:
+        return self.layers
+
+    def reset(self, lanes: Tensor) -> None:
+        """Forget everything of the lanes where `lanes` (B,) is True."""
+        if self.layers is not None and bool(lanes.any()):
+            for kv in self.layers:
+                kv.valid[lanes] = False
+
+    def push(self, present: list[KV], valid: Tensor) -> None:
+        """Append a segment's keys/values (valid (B, T): False for padding) and keep the newest `length`."""
+        fresh = [KV(kv.keys.detach(), kv.values.detach(), valid) for kv in present]
+        if self.layers is not None:
+            fresh = [old.then(new) for old, new in zip(self.layers, fresh)]
+        self.layers = [kv.last(self.length) for kv in fresh]
+
+
+class KnnMemory:
+    """Every past key/value of each lane's current song, per head, searchable by similarity."""
+
+    def __init__(self, lanes: int, heads: int, head_dim: int, capacity: int, top_k: int, device: torch.device,
+                 backend: str = "auto") -> None:
+        self.lanes, self.heads, self.head_dim = lanes, heads, head_dim
+        self.capacity, self.top_k = capacity, top_k
+        if backend == "auto":
+            backend = "faiss" if device.type == "cpu" or _has_gpu_faiss() else "torch"
+        self.backend = backend
+        self.device = device if backend == "torch" else torch.device("cpu")
+        self.keys = torch.zeros(lanes, heads, capacity, head_dim, device=self.device)  # (B, H, C, D)
+        self.values = torch.zeros_like(self.keys)
+        self.written = torch.zeros(lanes, dtype=torch.long)  # entries ever written per lane (ring position)
+        self.index: faiss.IndexIVFFlat | None = None
+        if backend == "faiss":
+            self.quantizer = faiss.IndexFlatIP(head_dim)  # unused: queries come pre-assigned to their list
+            self.index = faiss.IndexIVFFlat(self.quantizer, head_dim, lanes * heads, faiss.METRIC_INNER_PRODUCT)
+            self.index.is_trained = True
+        log.info("kNN memory: exact search with %s on %s", "faiss" if backend == "faiss" else "torch", self.device)
+
+    def sizes(self) -> Tensor:
+        return self.written.clamp(max=self.capacity)
+
+    def clear(self, lanes: Tensor) -> None:
+        for lane in torch.nonzero(lanes.cpu()).flatten().tolist():
+            self.written[lane] = 0
+            if self.index is not None:
+                for head in range(self.heads):
+                    self.index.invlists.resize(lane * self.heads + head, 0)
+        self._sync_total()
+
+    def write(self, keys: Tensor, values: Tensor, valid: Tensor) -> None:
+        """Append each lane's valid tokens: keys/values (B, H, T, D), valid (B, T)."""
+        keys = keys.detach().to(self.device, torch.float32)
+        values = values.detach().to(self.device, torch.float32)
+        valid = valid.cpu()
+        for lane in range(self.lanes):
+            positions = torch.nonzero(valid[lane]).flatten()
+            if positions.numel() == 0:
+                continue
+            positions = positions[-self.capacity :]  # a segment longer than the store keeps its newest tokens
+            start = int(self.written[lane])
+            slots = (start + torch.arange(positions.numel())) % self.capacity
+            self.keys[lane][:, slots] = keys[lane][:, positions.to(self.device)]
+            self.values[lane][:, slots] = values[lane][:, positions.to(self.device)]
+            if self.index is not None:
+                self._write_lists(lane, slots.numpy())
+            self.written[lane] += positions.numel()
+        self._sync_total()
+
+    def _write_lists(self, lane: int, slots: np.ndarray) -> None:
+        """Mirror the ring buffer into the lane's faiss lists (append while filling, then overwrite)."""
+        invlists = self.index.invlists  # type: ignore[union-attr]
+        for head in range(self.heads):
+            group = lane * self.heads + head
+            codes = np.ascontiguousarray(self.keys[lane, head, slots].numpy())
+            ids = slots.astype(np.int64)
+            size = invlists.list_size(group)
+            if size < self.capacity:  # still filling: slots continue the list
+                fill = min(len(slots), self.capacity - size)
+                invlists.add_entries(group, fill, faiss.swig_ptr(ids[:fill]), faiss.swig_ptr(codes[:fill].view(np.uint8)))
+                ids, codes = ids[fill:], codes[fill:]
+            for offset, count in _ring_runs(ids):
+                invlists.update_entries(group, int(ids[offset]), count, faiss.swig_ptr(ids[offset : offset + count]),
+                                        faiss.swig_ptr(np.ascontiguousarray(codes[offset : offset + count]).view(np.uint8)))
+
+    def _sync_total(self) -> None:
+        if self.index is not None:
+            self.index.ntotal = int(self.sizes().sum()) * self.heads
+
+    def search(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """queries (B, H, T, D), unit length → keys, values (B, H, T, K, D) and valid (B, H, T, K)."""
+        B, H, T, D = queries.shape
+        k = min(self.top_k, self.capacity)
+        if int(self.written.max()) == 0:
+            empty = queries.new_zeros(B, H, T, k, D)
+            return empty, empty, torch.zeros(B, H, T, k, dtype=torch.bool, device=queries.device)
+        if self.backend == "faiss":
+            slots = self._search_faiss(queries, k)
+        else:
+            slots = self._search_torch(queries, k)
+        valid = slots >= 0  # (B, H, T, K)
+        index = slots.clamp(min=0).view(B, H, T * k, 1).expand(B, H, T * k, D)
+        keys = torch.gather(self.keys, 2, index.to(self.device)).view(B, H, T, k, D)
+        values = torch.gather(self.values, 2, index.to(self.device)).view(B, H, T, k, D)
+        target = queries.device
+        return keys.to(target), values.to(target), valid.to(target)
+
+    def _search_faiss(self, queries: Tensor, k: int) -> Tensor:
+        B, H, T, D = queries.shape
+        flat = np.ascontiguousarray(queries.detach().float().cpu().numpy().reshape(B * H * T, D))
+        lists = np.repeat(np.arange(B * H, dtype=np.int64), T).reshape(-1, 1)
+        self.index.nprobe = 1  # type: ignore[union-attr]
+        _, ids = self.index.search_preassigned(flat, k, lists, np.zeros(lists.shape, np.float32))  # type: ignore[union-attr]
+        return torch.from_numpy(ids).view(B, H, T, k)
+
+    def _search_torch(self, queries: Tensor, k: int) -> Tensor:
+        B, H, T, D = queries.shape
+        queries = queries.detach().to(self.device, torch.float32)
+        filled = torch.arange(self.capacity, device=self.device) < self.sizes().to(self.device).view(B, 1, 1, 1)
+        chunk = max(1, SEARCH_CHUNK_ELEMENTS // (B * H * self.capacity))
+        found = []
+        for first in range(0, T, chunk):
+            scores = torch.einsum("bhtd,bhcd->bhtc", queries[:, :, first : first + chunk], self.keys)
+            scores = scores.masked_fill(~filled, float("-inf"))
+            top, slots = scores.topk(k, dim=-1)
+            found.append(slots.masked_fill(top == float("-inf"), -1))
+        return torch.cat(found, dim=2)
+
+
+def _ring_runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Split ring slots into runs of consecutive slots: (offset in `slots`, length)."""
+    if slots.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [slots.size]))
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+def _has_gpu_faiss() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class MemoryState:
+    """The memories of a batch of lanes, for a model trained with `memory` = none, xl or knn."""
+
+    def __init__(self, config: ModelConfig, lanes: int, device: torch.device, knn_backend: str = "auto") -> None:
+        self.config = config
+        self.xl = XLMemory(config.memory_length) if config.memory != "none" else None
+        self.knn = None
+        if config.memory == "knn":
+            self.knn = KnnMemory(lanes, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k,
+                                 device, knn_backend)
+
+    def reset(self, lanes: Tensor) -> None:
+        if self.xl is not None:
+            self.xl.reset(lanes)
+        if self.knn is not None:
+            self.knn.clear(lanes)
+
+    def forward(
+        self,
+        model: torch.nn.Module,
+        tokens: Tensor,
+        bars: Tensor,
+        beats: Tensor,
+        targets: Tensor | None = None,
+        new_song: Tensor | None = None,
+    ) -> ModelOutput:
+        """One segment (B, T) with memory; lanes flagged in `new_song` (B,) forget their past first."""
+        if new_song is not None:
+            self.reset(new_song)
+        past = self.xl.past() if self.xl is not None else None
+        output = model(tokens, bars, beats, targets=targets, past=past, knn=self.knn)
+        self.remember(output.present, tokens != 0)
+        return output
+
+    def remember(self, present: list[KV], valid: Tensor) -> None:
+        """Write a finished segment (valid (B, T): False for padding) into the memories."""
+        if self.xl is not None:
+            self.xl.push(present, valid)
+        if self.knn is not None:
+            layer = present[self.config.knn_layer_index]  # type: ignore[index]
+            self.knn.write(layer.keys, layer.values, valid)

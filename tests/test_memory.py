@@ -1,0 +1,198 @@
+"""Long-term memory: XL parity, kNN search, FIFO, no leaks between songs, contiguous batching, memory
+when generating, and every memory mode through train → resume → generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.data.batching import SongLanes, TokenArrays
+from midigen.data.store import TokenStore
+from midigen.generation.generate import MemoryDecoder, empty_prompt, generate, load_prompt
+from midigen.generation.grammar import Grammar
+from midigen.generation.sampling import SamplingConfig
+from midigen.model import ModelConfig, MusicTransformer
+from midigen.model.memory import KnnMemory, MemoryState
+from midigen.training.config import TrainConfig
+from midigen.training.recipe import load_trained, train
+
+TOKENIZER = SeedTokenizer(TokenizerConfig())
+
+
+def tiny(memory: str, **overrides: object) -> MusicTransformer:
+    torch.manual_seed(0)
+    return MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig(), memory=memory, **overrides)).eval()
+
+
+def segment_inputs(T: int, B: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 388, (B, T), generator=g), torch.randint(0, 8, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g)
+
+
+def test_xl_segments_equal_one_forward_with_the_banded_mask() -> None:
+    """Segment 2 attends to all of segment 1 (the memory) and causally to itself; segment 1 only to itself."""
+    model = tiny("xl", n_layers=1, knn_layer=0, context=16)
+    T = 16
+    tokens, bars, beats = segment_inputs(2 * T, B=2)
+    memory = MemoryState(model.config, 2, torch.device("cpu"))
+    with torch.no_grad():
+        first = memory.forward(model, tokens[:, :T], bars[:, :T], beats[:, :T], new_song=torch.ones(2, dtype=torch.bool))
+        second = memory.forward(model, tokens[:, T:], bars[:, T:], beats[:, T:], new_song=torch.zeros(2, dtype=torch.bool))
+        x = model.tok_emb(tokens) + model.bar_emb(bars % model.config.num_bars) + model.beat_emb(beats)
+        buckets, _ = model.attention_layout(2 * T, None, torch.device("cpu"))
+        q = torch.arange(2 * T).view(-1, 1)
+        k = torch.arange(2 * T).view(1, -1)
+        banded = (k <= q) & (k >= (q // T - 1).clamp(min=0) * T)  # own segment, plus the previous one
+        x, _ = model.blocks[0](x, buckets, banded.view(1, 1, 2 * T, 2 * T), None, None)
+        full = model.head(model.ln_f(x))
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_knn_search_equals_brute_force_and_keeps_the_newest(backend: str) -> None:
+    torch.manual_seed(0)
+    lanes, heads, dim, capacity, k = 3, 2, 8, 50, 5
+    memory = KnnMemory(lanes, heads, dim, capacity, k, torch.device("cpu"), backend)
+    written: list[list[torch.Tensor]] = [[] for _ in range(lanes)]
+    values_written: list[list[torch.Tensor]] = [[] for _ in range(lanes)]
+    for segment in range(4):
+        keys = torch.nn.functional.normalize(torch.randn(lanes, heads, 20, dim), dim=-1)
+        values = torch.randn(lanes, heads, 20, dim)
+        valid = torch.ones(lanes, 20, dtype=torch.bool)
+        valid[1, 15:] = False  # padding is never stored
+        valid[2] = segment < 2
+        memory.write(keys, values, valid)
+        for lane in range(lanes):
+            written[lane].append(keys[lane][:, valid[lane]])
+            values_written[lane].append(values[lane][:, valid[lane]])
+    queries = torch.nn.functional.normalize(torch.randn(lanes, heads, 7, dim), dim=-1)
+    found_keys, found_values, found_valid = memory.search(queries)
+    for lane in range(lanes):
+        newest_keys = torch.cat(written[lane], 1)[:, -capacity:]  # FIFO: exactly the newest entries survive
+        newest_values = torch.cat(values_written[lane], 1)[:, -capacity:]
+        assert int(memory.sizes()[lane]) == newest_keys.shape[1]
+        scores = torch.einsum("htd,hcd->htc", queries[lane], newest_keys)
+        best = scores.topk(k, dim=-1)
+        expected_values = newest_values[torch.arange(heads).view(-1, 1, 1), best.indices]
+        assert found_valid[lane].all()
+        got = torch.einsum("htd,htkd->htk", queries[lane], found_keys[lane])
+        order = got.argsort(dim=-1, descending=True)
+        torch.testing.assert_close(got.gather(-1, order), best.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(found_values[lane].gather(-2, order.unsqueeze(-1).expand(-1, -1, -1, dim)),
+                                   expected_values, atol=1e-6, rtol=0)
+
+
+def test_knn_clear_forgets_one_lane_only() -> None:
+    memory = KnnMemory(2, 1, 4, 10, 3, torch.device("cpu"), "faiss")
+    memory.write(torch.nn.functional.normalize(torch.randn(2, 1, 6, 4), dim=-1), torch.randn(2, 1, 6, 4),
+                 torch.ones(2, 6, dtype=torch.bool))
+    memory.clear(torch.tensor([True, False]))
+    _, _, valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 2, 4), dim=-1))
+    assert not valid[0].any() and valid[1].all()
+
+
+@pytest.mark.parametrize("mode", ["xl", "knn"])
+def test_a_new_song_does_not_see_the_previous_one(mode: str) -> None:
+    """Lane 0 plays song A then song B; changing A must not change B's logits."""
+    model = tiny(mode)
+    T = model.config.context
+    song_b = segment_inputs(T, B=2, seed=9)
+
+    def song_b_logits(seed_of_a: int) -> torch.Tensor:
+        memory = MemoryState(model.config, 2, torch.device("cpu"))
+        with torch.no_grad():
+            for segment in range(3):  # song A, three segments long
+                memory.forward(model, *segment_inputs(T, B=2, seed=seed_of_a + segment),
+                               new_song=torch.tensor([segment == 0, segment == 0]))
+            return memory.forward(model, *song_b, new_song=torch.tensor([True, False])).logits
+
+    a, b = song_b_logits(100), song_b_logits(200)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)  # lane 0 switched songs: no leak
+    assert not torch.allclose(a[1], b[1])  # lane 1 did not: its memory is in use
+
+
+def test_memory_decoder_computes_what_training_computes(prompt_files: list[Path]) -> None:
+    """Token-by-token generation with memory gives the logits of the segmented training forward."""
+    model = tiny("knn", context=16)
+    sequence = TOKENIZER.encode(prompt_files[0])
+    tokens, bars, beats = (torch.as_tensor(a[:80]).view(1, -1) for a in (sequence.tokens, sequence.bars, sequence.beats))
+    memory = MemoryState(model.config, 1, torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.cat([
+            memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16]).logits
+            for s in range(0, 80, 16)
+        ], 1)[0]
+    decoder = MemoryDecoder(model)
+    first = decoder(sequence.tokens[:21], sequence.bars[:21], sequence.beats[:21])  # a prompt over a segment long
+    got = [first] + [decoder(sequence.tokens[t : t + 1], sequence.bars[t : t + 1], sequence.beats[t : t + 1])
+                     for t in range(21, 80)]
+    torch.testing.assert_close(torch.stack(got), expected[20:], atol=1e-4, rtol=0)
+    assert int(decoder.memory.knn.written[0]) == 80  # all five finished segments are in the kNN memory
+
+
+def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32) -> list[dict[str, torch.Tensor]]:
+    data = TokenArrays(store, "memmap")
+    songs = list(range(len(store)))
+    return list(SongLanes(data, songs, context, lanes, seed=3, mode=mode, shuffle=True, endless=False))
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "song"])
+def test_song_lanes_cover_every_token_once(prompt_store: Path, mode: str) -> None:
+    store = TokenStore(prompt_store)
+    batches = epoch_of(store, mode, lanes=3)
+    targets = sorted(int((b["tokens"][:, 1:] != 0).sum()) for b in batches)
+    assert sum(targets) == sum(s.length - 1 for s in store.songs)
+    seen = np.concatenate([b["tokens"][lane, 1:][b["tokens"][lane, 1:] != 0].numpy() for b in batches for lane in range(3)])
+    everything = np.concatenate([store.song(i).tokens[1:] for i in range(len(store))])
+    # transposition shifts notes, so compare the multiset of non-note tokens and the count of notes
+    vocab = store.config.vocab
+    is_note = lambda t: (t >= vocab.note_offset) & (t < vocab.duration_offset)  # noqa: E731
+    assert np.array_equal(np.sort(seen[~is_note(seen)]), np.sort(everything[~is_note(everything)]))
+    assert is_note(seen).sum() == is_note(everything).sum()
+
+
+def test_contiguous_lanes_switch_songs_at_different_times(prompt_store: Path) -> None:
+    batches = epoch_of(TokenStore(prompt_store), "contiguous", lanes=3, context=16)
+    switches = [{i for i, b in enumerate(batches) if b["new_song"][lane] and i > 0} for lane in range(3)]
+    assert all(switches) and len(set.union(*switches)) > max(len(s) for s in switches)
+    song_batches = epoch_of(TokenStore(prompt_store), "song", lanes=3, context=16)
+    flags = [b["new_song"] for b in song_batches]
+    assert all(f.all() or not f.any() for f in flags)  # song mode: all lanes start together
+
+
+def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:
+    data = TokenArrays(TokenStore(prompt_store), "memmap")
+    songs = list(range(len(data.lengths)))
+    straight = SongLanes(data, songs, 16, 3, seed=1, max_transpose=5)
+    expected = [next(straight) for _ in range(12)]
+    first = SongLanes(data, songs, 16, 3, seed=1, max_transpose=5)
+    for _ in range(5):
+        next(first)
+    resumed = SongLanes(data, songs, 16, 3, seed=99, max_transpose=5)
+    resumed.load_state_dict(first.state_dict())
+    for batch in expected[5:]:
+        got = next(resumed)
+        for name in batch:
+            assert torch.equal(batch[name], got[name])
+
+
+@pytest.mark.parametrize("mode", ["xl", "knn"])
+def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store: Path, tmp_path: Path) -> None:
+    run = tmp_path / mode
+    model_config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode, context=32)
+    settings = dict(batch_size=3, eval_interval=4, log_interval=2, warmup_steps=2, device="cpu", eval_tokens=2000)
+    train(prompt_store, run, model_config, TrainConfig(max_steps=4, **settings), progress=False)
+    result, _ = train(prompt_store, run, None, TrainConfig(max_steps=8, **settings), resume=True, progress=False)
+    assert result.step == 8 and np.isfinite(result.val["val_loss"])
+    trained = load_trained(run)
+    assert trained.model_config.memory == mode
+    long_prompt = load_prompt(max(sorted((Path(__file__).parent / "data" / "prompts").glob("*.mid")),
+                                  key=lambda p: len(TOKENIZER.encode(p))), 100, TOKENIZER)
+    assert len(long_prompt.sequence) > 3 * 32
+    for prompt in (long_prompt, empty_prompt(TOKENIZER)):
+        generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)
+        assert Grammar(TOKENIZER.vocab).check(generation.sequence.tokens) is None
