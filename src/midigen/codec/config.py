@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+
+import numpy as np
 
 from midigen.config import JsonConfig
 from midigen.errors import MidigenError
@@ -35,10 +38,14 @@ class TokenizerConfig(JsonConfig):
             raise MidigenError(f"steps_per_quarter must be >= 1, got {self.steps_per_quarter}")
         if self.max_duration < 1:
             raise MidigenError(f"max_duration must be >= 1, got {self.max_duration}")
+        if not self.tempo_qpm > 0:
+            raise MidigenError(f"tempo_qpm must be > 0, got {self.tempo_qpm}")
         if self.max_bar_quarters < 1:
             raise MidigenError(f"max_bar_quarters must be >= 1, got {self.max_bar_quarters}")
         if Vocab(self).size > 2**16:
             raise MidigenError("vocabulary does not fit in uint16: lower max_duration")
+        if self.beat_positions > 2**16:
+            raise MidigenError("positions in a bar do not fit in uint16: lower max_bar_quarters or steps_per_quarter")
 
     @property
     def beat_positions(self) -> int:
@@ -89,6 +96,6 @@ class Vocab:
             + [f"d{d}" for d in range(1, self.max_duration + 1)]
         )
 
-    def describe(self, tokens) -> list[str]:  # noqa: ANN001 - any int sequence
+    def describe(self, tokens: Iterable[int] | np.ndarray) -> list[str]:
         names = self.names()
         return [names[int(t)] for t in tokens]

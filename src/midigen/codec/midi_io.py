@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import symusic
+import symusic.core
 
 from midigen.errors import BadMidiError
 
@@ -25,9 +26,9 @@ class MidiNotes:
     onsets: np.ndarray  # (N,) int64 ticks
     durations: np.ndarray  # (N,) int64 ticks
     pitches: np.ndarray  # (N,) int64 0..127
-    velocities: np.ndarray  # (N,) int64
     time_signatures: list[tuple[int, int, int]]  # (tick, numerator, denominator)
     tempos: list[tuple[int, float]]  # (tick, quarter notes per minute)
+    path: str | None = None  # the file the notes came from, to name it in errors
 
     def __len__(self) -> int:
         return int(self.onsets.size)
@@ -35,23 +36,22 @@ class MidiNotes:
 
 def read_midi_bytes(path: str | Path) -> bytes:
     """The raw bytes of a MIDI file, or a `BadMidiError` saying why there are none."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise BadMidiError(path, "is a folder, not a MIDI file")
-        if size == 0:
-            raise BadMidiError(path, "empty file (0 bytes)")
-        if size > MAX_MIDI_BYTES:
-            raise BadMidiError(path, f"file too large ({size / 2**20:.0f} MiB > {MAX_MIDI_BYTES / 2**20:.0f} MiB)")
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise BadMidiError(path, "empty file (0 bytes)")
+            if size > MAX_MIDI_BYTES:
+                raise BadMidiError(path, f"file too large: {size / 2**20:.0f} MiB > {MAX_MIDI_BYTES / 2**20:.0f} MiB")
+            return handle.read()
     except FileNotFoundError:
         raise BadMidiError(path, "no such file") from None
+    except IsADirectoryError:
+        raise BadMidiError(path, "is a folder, not a MIDI file") from None
     except PermissionError:
         raise BadMidiError(path, "permission denied") from None
     except OSError as exc:
         raise BadMidiError(path, f"cannot read: {exc.strerror or exc}") from None
-    return data
 
 
 def parse_midi(data: bytes, path: str | Path | None = None) -> symusic.Score:
@@ -83,33 +83,32 @@ def load_score(source: str | Path | bytes | symusic.Score) -> symusic.Score:
 
 def extract_notes(score: symusic.Score, keep_drums: bool, path: str | Path | None = None) -> MidiNotes:
     """Merge the notes of all (non-drum) tracks into one stream of arrays."""
-    columns: dict[str, list[np.ndarray]] = {"time": [], "duration": [], "pitch": [], "velocity": []}
+    if score.ticks_per_quarter < 1:
+        raise BadMidiError(path, "malformed MIDI: 0 ticks per quarter note")
+    merged = symusic.core.NoteTickList()  # merged in symusic: one conversion to numpy instead of one per track
     drum_notes = 0
     for track in score.tracks:
         if track.is_drum and not keep_drums:
             drum_notes += track.note_num()
-            continue
-        arrays = track.notes.numpy()
-        for key in columns:
-            columns[key].append(arrays[key].astype(np.int64))
-    merged = {key: np.concatenate(parts) if parts else np.zeros(0, np.int64) for key, parts in columns.items()}
-    if merged["time"].size == 0:
-        reason = "only drum notes (drums are dropped)" if drum_notes else "no notes"
-        raise BadMidiError(path, reason)
+        else:
+            merged.extend(track.notes)
+    if len(merged) == 0:
+        raise BadMidiError(path, "only drum notes (drums are dropped)" if drum_notes else "no notes")
+    columns = merged.numpy()
     signatures = score.time_signatures.numpy()
     tempos = score.tempos.numpy()
     return MidiNotes(
         ticks_per_quarter=int(score.ticks_per_quarter),
-        onsets=merged["time"],
-        durations=merged["duration"],
-        pitches=merged["pitch"] & 0x7F,
-        velocities=merged["velocity"],
+        onsets=columns["time"].astype(np.int64),
+        durations=columns["duration"].astype(np.int64),
+        pitches=columns["pitch"].astype(np.int64) & 0x7F,
         time_signatures=[
-            (int(t), int(n), int(d))
-            for t, n, d in zip(signatures["time"], signatures["numerator"], signatures["denominator"])
+            (t, n, d)
+            for t, n, d in zip(*(signatures[key].tolist() for key in ("time", "numerator", "denominator")))
             if n > 0 and d > 0
         ],
-        tempos=[(int(t), 60_000_000.0 / int(m)) for t, m in zip(tempos["time"], tempos["mspq"]) if m > 0],
+        tempos=[(t, 60_000_000.0 / m) for t, m in zip(tempos["time"].tolist(), tempos["mspq"].tolist()) if m > 0],
+        path=None if path is None else str(path),
     )
 
 
@@ -120,10 +119,6 @@ def read_notes(source: str | Path | bytes | symusic.Score, keep_drums: bool = Fa
 
 def first_tempo(notes: MidiNotes, default: float) -> float:
     return notes.tempos[0][1] if notes.tempos else default
-
-
-def is_midi_path(path: Path) -> bool:
-    return path.suffix.lower() in MIDI_SUFFIXES
 
 
 def write_midi(score: symusic.Score, path: str | Path) -> None:

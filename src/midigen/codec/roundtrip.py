@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midigen.codec.config import TokenizerConfig
-from midigen.codec.midi_io import first_tempo, read_notes, write_midi
+from midigen.codec.midi_io import write_midi
+from midigen.codec.sandbox import DEFAULT_TIMEOUT_S, encode_isolated
 from midigen.codec.tokenizer import SeedTokenizer
+from midigen.errors import MidigenError
 
 
 @dataclass
@@ -19,11 +21,22 @@ class RoundtripReport:
     clamped: int
 
 
-def roundtrip_file(source: str | Path, output: str | Path, config: TokenizerConfig | None = None) -> RoundtripReport:
+def roundtrip_file(
+    source: str | Path,
+    output: str | Path,
+    config: TokenizerConfig | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RoundtripReport:
+    """Encode `source` (in a worker process, as the parser may crash on a bad file) and decode it to `output`.
+
+    Raises `BadMidiError` naming the file and the reason when it cannot be encoded, `MidigenError`
+    when `output` cannot be written.
+    """
     tokenizer = SeedTokenizer(config)
-    notes = read_notes(source, tokenizer.config.keep_drums)
-    sparse = tokenizer.sparse_score(notes)
-    sequence = tokenizer.index_score(tokenizer.position_score(sparse))
-    score = tokenizer.decode(sequence, tempo_qpm=first_tempo(notes, tokenizer.config.tempo_qpm))
-    write_midi(score, output)
-    return RoundtripReport(len(notes), score.note_num(), len(sequence), sparse.merged_notes, sparse.clamped_notes)
+    song = encode_isolated(source, tokenizer.config, timeout_s)
+    score = tokenizer.decode(song.sequence(tokenizer.config), tempo_qpm=song.tempo_qpm)
+    try:
+        write_midi(score, output)
+    except OSError as exc:
+        raise MidigenError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    return RoundtripReport(song.notes, score.note_num(), song.length, song.merged, song.clamped)

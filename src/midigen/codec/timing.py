@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -12,6 +13,11 @@ class TimeSignatureChange:
     step: int
     numerator: int
     denominator: int
+
+
+def ticks_to_steps(ticks: np.ndarray | int, steps_per_quarter: int, ticks_per_quarter: int) -> np.ndarray | int:
+    """The nearest step to each tick (halves round up), in exact integer arithmetic."""
+    return (2 * steps_per_quarter * ticks + ticks_per_quarter) // (2 * ticks_per_quarter)
 
 
 def bar_steps_of(numerator: int, denominator: int, steps_per_quarter: int) -> int:
@@ -28,6 +34,20 @@ def signature_of_bar_steps(bar_steps: int, steps_per_quarter: int) -> tuple[int,
     return bar_steps, 4 * steps_per_quarter
 
 
+def normalise_changes(changes: list[TimeSignatureChange]) -> list[TimeSignatureChange]:
+    """Changes sorted by step, 4/4 from step 0 unless given, the last one written at a step winning,
+    and restatements of the current signature dropped (they do not start a new bar)."""
+    last_at_step = {c.step: c for c in sorted(changes, key=lambda c: c.step)}
+    if 0 not in last_at_step:
+        last_at_step[0] = TimeSignatureChange(0, 4, 4)
+    kept: list[TimeSignatureChange] = []
+    for step in sorted(last_at_step):
+        change = last_at_step[step]
+        if not kept or (kept[-1].numerator, kept[-1].denominator) != (change.numerator, change.denominator):
+            kept.append(change)
+    return kept
+
+
 class BarGrid:
     """Maps absolute steps to (bar index, position inside the bar).
 
@@ -37,40 +57,38 @@ class BarGrid:
     """
 
     def __init__(self, changes: list[TimeSignatureChange], steps_per_quarter: int, beat_positions: int) -> None:
-        if not changes or changes[0].step > 0:
-            changes = [TimeSignatureChange(0, 4, 4), *changes]
-        kept: list[TimeSignatureChange] = []
-        for change in sorted(changes, key=lambda c: c.step):
-            if kept and kept[-1].step == change.step:
-                kept[-1] = change  # the last signature written at a step wins
-            elif not kept or (kept[-1].numerator, kept[-1].denominator) != (change.numerator, change.denominator):
-                kept.append(change)
-        self.changes = kept
+        self.changes = normalise_changes(changes)
         self.steps_per_quarter = steps_per_quarter
         self.beat_positions = beat_positions
-        self.starts = np.array([c.step for c in kept], dtype=np.int64)
+        self.starts = np.array([c.step for c in self.changes], dtype=np.int64)
         self.bar_steps = np.array(
-            [bar_steps_of(c.numerator, c.denominator, steps_per_quarter) for c in kept], dtype=np.int64
+            [bar_steps_of(c.numerator, c.denominator, steps_per_quarter) for c in self.changes], dtype=np.int64
         )
-        first_bars = [0]
-        for i in range(1, len(kept)):
-            span = self.starts[i] - self.starts[i - 1]
-            first_bars.append(first_bars[-1] + int(-(-span // self.bar_steps[i - 1])))
-        self.first_bars = np.array(first_bars, dtype=np.int64)
+        spans = np.diff(self.starts)
+        bars_per_segment = -(-spans // self.bar_steps[:-1])  # an unfinished bar before a change still counts
+        self.first_bars = np.concatenate(([0], np.cumsum(bars_per_segment))).astype(np.int64)
 
     @classmethod
     def default(cls, steps_per_quarter: int, beat_positions: int) -> BarGrid:
         return cls([], steps_per_quarter, beat_positions)
 
+    @staticmethod
+    @lru_cache(maxsize=1024)
+    def of(changes: tuple[tuple[int, int, int], ...], steps_per_quarter: int, beat_positions: int) -> BarGrid:
+        """The grid of (step, numerator, denominator) changes, shared between pieces with the same map
+        (most files have one of a few maps, and a grid is never modified)."""
+        return BarGrid([TimeSignatureChange(*change) for change in changes], steps_per_quarter, beat_positions)
+
     def locate(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(bar index, position in bar) of each step."""
         steps = np.asarray(steps, dtype=np.int64)
+        if self.starts.size == 1:
+            bar_len = int(self.bar_steps[0])
+            return steps // bar_len, steps % bar_len % self.beat_positions
         segment = np.searchsorted(self.starts, steps, side="right") - 1
         offset = steps - self.starts[segment]
         bar_len = self.bar_steps[segment]
-        bars = self.first_bars[segment] + offset // bar_len
-        beats = (offset % bar_len) % self.beat_positions
-        return bars, beats
+        return self.first_bars[segment] + offset // bar_len, offset % bar_len % self.beat_positions
 
     def bar_start(self, bar: int) -> int:
         """Step at which bar number `bar` begins."""
@@ -83,15 +101,16 @@ class BarGrid:
     ) -> BarGrid:
         """Rebuild the time-signature map implied by tokens' positions (used by `decode`).
 
-        A bar's start is `step - beat` when the bar is shorter than the beat bound; consecutive known
-        bar starts give the bar lengths, and each change of length becomes a time signature.
+        A bar starts at `step - beat` of its tokens (the earliest such step, since positions wrap in
+        bars longer than the beat bound); consecutive known bar starts give the bar lengths, and each
+        change of length becomes a time signature.
         """
         steps, bars, beats = (np.asarray(a, dtype=np.int64) for a in (steps, bars, beats))
         if steps.size == 0:
             return cls.default(steps_per_quarter, beat_positions)
         starts_by_bar: dict[int, int] = {}
         for bar, start in zip(bars.tolist(), (steps - beats).tolist()):
-            starts_by_bar.setdefault(bar, start)
+            starts_by_bar[bar] = min(start, starts_by_bar.get(bar, start))
         known = sorted(starts_by_bar.items())
         changes: list[TimeSignatureChange] = []
         current = None

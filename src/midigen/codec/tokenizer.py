@@ -5,14 +5,18 @@ Every token carries its absolute step, bar and position in the bar. The step of 
 the gap's duration token where it ends, so the model sees the new bar/beat before the next note.
 
 What the encoding loses, all of it:
-- timing finer than the grid (onsets and note ends are rounded to the nearest step; a note lasts
-  at least one step),
-- notes longer than `max_duration` steps (clamped to `max_duration`),
-- velocities, instruments, tempo changes, controllers, pitch bends (`decode` writes one piano
-  track at one tempo and velocity),
-- of two notes with the same pitch and the same onset step, the shorter one,
-- drum tracks, unless `keep_drums` is set,
-- the difference between time signatures with the same bar length (6/8 decodes as 3/4).
+- timing finer than the grid: onsets and note ends are rounded to the nearest step (halves up), and
+  a note lasts at least one step;
+- length beyond `max_duration` steps (longer notes are clamped to it);
+- of several notes with the same pitch and onset step (unisons between tracks included), all but
+  the longest;
+- velocities, instruments and the track layout (all kept tracks become one stream, and `decode`
+  writes one track at one velocity), tempo changes (`decode` writes one tempo, the caller's),
+  controllers, pedals, pitch bends, lyrics, markers and key signatures;
+- drum tracks, unless `keep_drums` is set (then their notes become pitched notes like the others);
+- time signatures are kept in the bar grid, at step resolution; a sequence that has lost its grid
+  (as read back from a token store) rebuilds it from its positions, which hold only bar lengths:
+  6/8 comes back as 3/4, and a change that no token falls after is lost.
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ import numpy as np
 import symusic
 
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
-from midigen.codec.midi_io import MidiNotes, first_tempo, read_notes
-from midigen.codec.timing import BarGrid, TimeSignatureChange
+from midigen.codec.midi_io import MidiNotes, read_notes
+from midigen.codec.timing import BarGrid, ticks_to_steps
 from midigen.errors import BadMidiError, MidigenError
 
 GAP = -1  # pitch column value of a gap row in a position score
 DEFAULT_VELOCITY = 80
 MAX_SONG_STEPS = 2**24  # about 24 days at 120 qpm and 8 steps per quarter; steps are stored as uint32
 MAX_DENSE_CELLS = 50_000_000
+# Packed sort key of a note: step (up to MAX_SONG_STEPS), then 127 - pitch, then 0xFFFF - duration.
+KEY_PITCH_SHIFT = 16
+KEY_STEP_SHIFT = 23
+KEY_DURATION_MASK = 0xFFFF
 
 
 @dataclass
@@ -76,6 +84,13 @@ class PositionScore:
     PITCH, DURATION, STEP = 0, 1, 2
 
 
+# The smallest dtypes that always hold a sequence's arrays (the config bounds token ids and positions
+# in a bar to uint16, MAX_SONG_STEPS bounds steps and bars): how a token store keeps them, and the
+# order in which `TokenSequence.pack` lays them out.
+PACKED_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32, "beats": np.uint16}
+PACKED_BYTES_PER_TOKEN = sum(np.dtype(dtype).itemsize for dtype in PACKED_DTYPES.values())
+
+
 @dataclass
 class TokenSequence:
     """The index score: token ids and, for each token, its absolute step, bar and position in the bar."""
@@ -88,6 +103,24 @@ class TokenSequence:
 
     def __len__(self) -> int:
         return int(self.tokens.size)
+
+    def pack(self) -> bytes:
+        """The four arrays in `PACKED_DTYPES`, one after the other, as one compact buffer."""
+        return b"".join(getattr(self, name).astype(dtype).tobytes() for name, dtype in PACKED_DTYPES.items())
+
+    @classmethod
+    def unpacked(cls, arrays: dict[str, np.ndarray], grid: BarGrid | None = None) -> TokenSequence:
+        return cls(*(np.asarray(arrays[name], dtype=np.int64) for name in PACKED_DTYPES), grid)
+
+
+def unpack(buffer: bytes) -> dict[str, np.ndarray]:
+    """The arrays of a `TokenSequence.pack` buffer, as read-only views in `PACKED_DTYPES`."""
+    length, offset = len(buffer) // PACKED_BYTES_PER_TOKEN, 0
+    arrays = {}
+    for name, dtype in PACKED_DTYPES.items():
+        arrays[name] = np.frombuffer(buffer, dtype=dtype, count=length, offset=offset)
+        offset += length * np.dtype(dtype).itemsize
+    return arrays
 
 
 class SeedTokenizer:
@@ -106,75 +139,58 @@ class SeedTokenizer:
         return self.index_score(self.position_score(self.sparse_score(source)))
 
     def sparse_score(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> SparseScore:
+        """Quantise notes to the grid, sort them (step, then highest pitch first) and merge same-onset repeats."""
         notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
         cfg = self.config
-        scale = cfg.steps_per_quarter / notes.ticks_per_quarter
-        onsets = np.floor(notes.onsets * scale + 0.5).astype(np.int64)
-        ends = np.floor((notes.onsets + notes.durations) * scale + 0.5).astype(np.int64)
-        durations = np.maximum(ends - onsets, 1)
-        clamped = int(np.count_nonzero(durations > cfg.max_duration))
-        durations = np.minimum(durations, cfg.max_duration)
-        # step ascending, pitch descending, duration descending: the first of equal (step, pitch) is the longest
-        order = np.lexsort((-durations, -notes.pitches, onsets))
-        onsets, pitches, durations = onsets[order], notes.pitches[order], durations[order]
-        if onsets.size and (onsets.min() < 0 or int((onsets + durations).max()) > MAX_SONG_STEPS):
-            raise BadMidiError(None, f"timing out of range (notes beyond step {MAX_SONG_STEPS} or before 0)")
-        keep = np.ones(onsets.size, dtype=bool)
-        keep[1:] = (onsets[1:] != onsets[:-1]) | (pitches[1:] != pitches[:-1])
-        grid = BarGrid(
-            [
-                TimeSignatureChange(int(np.floor(tick * scale + 0.5)), num, den)
-                for tick, num, den in notes.time_signatures
-            ],
-            cfg.steps_per_quarter,
-            cfg.beat_positions,
+        spq, tpq = cfg.steps_per_quarter, notes.ticks_per_quarter
+        onsets = ticks_to_steps(notes.onsets, spq, tpq)
+        if onsets.size and (onsets.min() < 0 or onsets.max() > MAX_SONG_STEPS):
+            raise BadMidiError(notes.path, f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
+        lengths = ticks_to_steps(notes.onsets + notes.durations, spq, tpq) - onsets
+        clamped = int(np.count_nonzero(lengths > cfg.max_duration))
+        durations = np.minimum(np.maximum(lengths, 1), cfg.max_duration)
+        steps, pitches, durations, merged = merge_same_onsets(onsets, notes.pitches, durations)
+        return SparseScore(steps, pitches, durations, self.grid_of(notes), merged_notes=merged, clamped_notes=clamped)
+
+    def grid_of(self, notes: MidiNotes) -> BarGrid:
+        """The bar grid of a piece's time-signature map, in steps."""
+        cfg = self.config
+        changes = tuple(
+            (ticks_to_steps(tick, cfg.steps_per_quarter, notes.ticks_per_quarter), numerator, denominator)
+            for tick, numerator, denominator in notes.time_signatures
         )
-        return SparseScore(
-            steps=onsets[keep],
-            pitches=pitches[keep],
-            durations=durations[keep],
-            grid=grid,
-            merged_notes=int(keep.size - np.count_nonzero(keep)),
-            clamped_notes=clamped,
-        )
+        return BarGrid.of(changes, cfg.steps_per_quarter, cfg.beat_positions)
 
     @staticmethod
     def position_score(sparse: SparseScore) -> PositionScore:
+        """Sparse score → rows of (pitch, duration, step), with a gap row before each new onset group."""
         steps = sparse.steps
-        if steps.size == 0:
-            return PositionScore(np.zeros((0, 3), dtype=np.int64), sparse.grid)
-        group_start = np.ones(steps.size, dtype=bool)
-        group_start[1:] = steps[1:] != steps[:-1]
-        group_steps = steps[group_start]
-        previous = np.concatenate(([0], group_steps[:-1]))
-        gaps = group_steps - previous
-        has_gap = gaps > 0  # only the first group, at step 0, has none
-        group_of_note = np.cumsum(group_start) - 1
-        # each note row lands after its group's gap row (if any) and after all earlier groups' rows
-        gap_rows_before = np.cumsum(has_gap)[group_of_note]
-        note_pos = np.arange(steps.size) + gap_rows_before
-        first_note_of_group = np.flatnonzero(group_start)
-        gap_pos = note_pos[first_note_of_group[has_gap]] - 1
-        rows = np.empty((steps.size + int(has_gap.sum()), 3), dtype=np.int64)
-        rows[note_pos] = np.stack([sparse.pitches, sparse.durations, steps], axis=1)
-        rows[gap_pos] = np.stack([np.full(int(has_gap.sum()), GAP), gaps[has_gap], previous[has_gap]], axis=1)
+        # every onset group but a first one at step 0 follows a gap (steps are sorted: a change is a gap)
+        previous = np.empty_like(steps)
+        previous[:1] = 0
+        previous[1:] = steps[:-1]
+        opens_gap = steps != previous
+        gap_starts = previous[opens_gap]
+        # each note row lands after all gap rows up to and including its own group's
+        note_rows = np.arange(steps.size) + np.cumsum(opens_gap)
+        gap_rows = note_rows[opens_gap] - 1
+        rows = np.empty((steps.size + gap_rows.size, 3), dtype=np.int64)
+        pitch, duration, step = (rows[:, column] for column in (PositionScore.PITCH, PositionScore.DURATION, PositionScore.STEP))
+        pitch[note_rows], duration[note_rows], step[note_rows] = sparse.pitches, sparse.durations, steps
+        pitch[gap_rows], duration[gap_rows], step[gap_rows] = GAP, steps[opens_gap] - gap_starts, gap_starts
         return PositionScore(rows, sparse.grid)
 
     def index_score(self, position: PositionScore) -> TokenSequence:
+        """Position score → tokens: `<sos>`, an `n d` pair per note and a `<sep> d` pair per gap, `<eos>`."""
         vocab, max_dur = self.vocab, self.config.max_duration
         pitch, length = position.rows[:, PositionScore.PITCH], position.rows[:, PositionScore.DURATION]
         is_gap = pitch == GAP
-        # a gap longer than max_duration becomes several <sep> d pairs: full ones, then the rest
-        pairs_per_row = np.where(is_gap, -(-length // max_dur), 1)
-        row_of_pair = np.repeat(np.arange(pitch.size), pairs_per_row)
-        first_pair = np.cumsum(pairs_per_row) - pairs_per_row
-        index_in_row = np.arange(row_of_pair.size) - first_pair[row_of_pair]
-        pair_is_gap = is_gap[row_of_pair]
-        pair_len = np.where(pair_is_gap, np.minimum(max_dur, length[row_of_pair] - index_in_row * max_dur), length[row_of_pair])
-        first = np.where(pair_is_gap, Vocab.SEP, vocab.note_offset + pitch[row_of_pair])
-        second = vocab.duration_offset + pair_len - 1
-        body = np.stack([first, second], axis=1).reshape(-1)
-        tokens = np.concatenate(([Vocab.SOS], body, [Vocab.EOS])).astype(np.int64)
+        if int(length.max(initial=0)) > max_dur:  # notes are clamped, so only gaps can be this long
+            pitch, length, is_gap = split_long_gaps(pitch, length, is_gap, max_dur)
+        tokens = np.empty(2 * pitch.size + 2, dtype=np.int64)
+        tokens[0], tokens[-1] = Vocab.SOS, Vocab.EOS
+        tokens[1:-1:2] = np.where(is_gap, Vocab.SEP, vocab.note_offset + pitch)
+        tokens[2:-1:2] = vocab.duration_offset - 1 + length
         return self.with_positions(tokens, position.grid)
 
     # ---- positions ----------------------------------------------------------------------------
@@ -184,13 +200,13 @@ class SeedTokenizer:
         `after_sep` says whether the token before `tokens[0]` was a `<sep>` (for incremental use).
         """
         tokens = np.asarray(tokens, dtype=np.int64)
-        previous_is_sep = np.empty(tokens.size, dtype=bool)
-        if tokens.size:
-            previous_is_sep[0] = after_sep
-            previous_is_sep[1:] = tokens[:-1] == Vocab.SEP
-        is_duration = (tokens >= self.vocab.duration_offset) & (tokens < self.vocab.size)
-        advance = np.where(previous_is_sep & is_duration, tokens - self.vocab.duration_offset + 1, 0)
-        return start_step + np.cumsum(advance)
+        length = tokens - (self.vocab.duration_offset - 1)  # the steps a duration token stands for
+        follows_sep = np.empty(tokens.size, dtype=bool)
+        follows_sep[:1] = after_sep
+        np.equal(tokens[:-1], Vocab.SEP, out=follows_sep[1:])
+        follows_sep &= length >= 1  # only a duration after a <sep> moves time on
+        steps = np.cumsum(length * follows_sep)
+        return steps + start_step if start_step else steps
 
     def with_positions(self, tokens: np.ndarray, grid: BarGrid) -> TokenSequence:
         steps = self.token_steps(tokens)
@@ -220,23 +236,22 @@ class SeedTokenizer:
         is_sep = heads == Vocab.SEP
         time = np.cumsum(np.where(is_sep, lengths, 0))
         is_note = ~is_sep
-        steps, pitches, durations = time[is_note], heads[is_note] - vocab.note_offset, lengths[is_note]
-        order = np.lexsort((-durations, -pitches, steps))
+        steps, pitches, durations, merged = merge_same_onsets(time[is_note], heads[is_note] - vocab.note_offset, lengths[is_note])
         cfg = self.config
-        return SparseScore(
-            steps[order], pitches[order], durations[order], grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
-        )
+        grid = grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
+        return SparseScore(steps, pitches, durations, grid, merged_notes=merged)
 
     def decode(
         self,
         sequence: TokenSequence | np.ndarray | list[int],
         tempo_qpm: float | None = None,
         grid: BarGrid | None = None,
+        program: int = 0,
     ) -> symusic.Score:
-        """Tokens → a one-track piano `symusic.Score`.
+        """Tokens → a one-track `symusic.Score` (General MIDI `program`, 0 = piano).
 
-        Time signatures come from `grid` if given, else from the positions a `TokenSequence` carries,
-        else 4/4.
+        Time signatures come from `grid` if given, else from a `TokenSequence`'s own grid, else from
+        its positions (`BarGrid.from_positions`); plain token ids get 4/4.
         """
         cfg = self.config
         if isinstance(sequence, TokenSequence):
@@ -248,10 +263,10 @@ class SeedTokenizer:
         else:
             tokens = np.asarray(sequence, dtype=np.int64)
         sparse = self.decode_sparse(tokens, grid)
-        return self.to_score(sparse, tempo_qpm or cfg.tempo_qpm)
+        return self.to_score(sparse, tempo_qpm or cfg.tempo_qpm, program)
 
-    def to_score(self, sparse: SparseScore, tempo_qpm: float) -> symusic.Score:
-        """A sparse score as a one-track piano `symusic.Score` in ticks."""
+    def to_score(self, sparse: SparseScore, tempo_qpm: float, program: int = 0) -> symusic.Score:
+        """A sparse score as a one-track `symusic.Score` in ticks."""
         spq = self.config.steps_per_quarter
         tpq = 480 if 480 % spq == 0 else spq * 60
         ticks_per_step = tpq // spq
@@ -261,7 +276,7 @@ class SeedTokenizer:
             score.time_signatures.append(
                 symusic.TimeSignature(change.step * ticks_per_step, change.numerator, change.denominator)
             )
-        track = symusic.Track("piano", program=0, is_drum=False)
+        track = symusic.Track("piano" if program == 0 else f"program {program}", program=program, is_drum=False)
         track.notes = symusic.Note.from_numpy(
             time=(sparse.steps * ticks_per_step).astype(np.int32),
             duration=(sparse.durations * ticks_per_step).astype(np.int32),
@@ -271,8 +286,36 @@ class SeedTokenizer:
         score.tracks.append(track)
         return score
 
-    def tempo_of(self, source: str | Path | bytes | symusic.Score) -> float:
-        return first_tempo(read_notes(source, keep_drums=True), self.config.tempo_qpm)
+
+def merge_same_onsets(
+    steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Notes sorted by step, then highest pitch first; of several notes with the same step and pitch
+    only the longest is kept. Returns (steps, pitches, durations, number of notes dropped)."""
+    # one sort on a packed key: step, then pitch descending, then duration descending
+    key = np.sort((steps << KEY_STEP_SHIFT) | ((127 - pitches) << KEY_PITCH_SHIFT) | (KEY_DURATION_MASK - durations))
+    step_and_pitch = key >> KEY_PITCH_SHIFT
+    keep = np.empty(key.size, dtype=bool)
+    keep[:1] = True
+    np.not_equal(step_and_pitch[1:], step_and_pitch[:-1], out=keep[1:])
+    kept = key[keep]
+    return (
+        kept >> KEY_STEP_SHIFT,
+        127 - ((kept >> KEY_PITCH_SHIFT) & 127),
+        KEY_DURATION_MASK - (kept & KEY_DURATION_MASK),
+        int(key.size - kept.size),
+    )
+
+
+def split_long_gaps(
+    pitch: np.ndarray, length: np.ndarray, is_gap: np.ndarray, max_dur: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
+    pieces = np.where(is_gap, -(-length // max_dur), 1)
+    row = np.repeat(np.arange(pitch.size), pieces)
+    piece = np.arange(row.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    split_length = np.where(is_gap[row], np.minimum(max_dur, length[row] - piece * max_dur), length[row])
+    return pitch[row], split_length, is_gap[row]
 
 
 # ---- inspection ---------------------------------------------------------------------------------
@@ -288,8 +331,9 @@ def show_sparse_score(sparse: SparseScore, first_step: int = 0, num_steps: int =
     window = (sparse.steps >= first_step) & (sparse.steps < first_step + num_steps)
     pitches = np.unique(sparse.pitches[window])[::-1] if window.any() else np.unique(sparse.pitches)[::-1]
     column = {int(p): i for i, p in enumerate(pitches)}
-    width = max(4, max(len(str(int(d))) for d in sparse.durations) + 1)
-    header = "step  bar:beat " + "".join(f"{pitch_name(int(p)):>{width}}" for p in pitches)
+    names = [pitch_name(int(p)) for p in pitches]
+    width = 1 + max(len(str(int(sparse.durations.max()))), *(len(name) for name in names))
+    header = "step  bar:beat " + "".join(f"{name:>{width}}" for name in names)
     lines = [header]
     bars, beats = sparse.grid.locate(np.arange(first_step, first_step + num_steps))
     for offset in range(num_steps):

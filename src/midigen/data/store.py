@@ -9,36 +9,39 @@ Layout:
     songs.jsonl      one row per song: path, hash, start, length, notes, split (the offsets index)
     skipped.jsonl    one row per file that could not be encoded: path, reason
     report.json      written last: files, encoded, tokens, skipped by reason; absent while unfinished
+    .lock            held by the one encode that may write the store
 
-The arrays and the two journals are append-only; a song's row is written only after its tokens are
-on disk, so after an interruption the rows name exactly the songs that are complete, and reopening
-cuts off anything written past them. Ragged songs are handled by the offsets in `songs.jsonl`.
+The arrays and the two journals are append-only, and a song's row is written only after its tokens
+are on disk. So whenever the writing stops (Ctrl-C, a killed process), the rows name exactly the
+songs that are complete; readers ignore anything past them, and the next writer cuts it off. Ragged
+songs are handled by the offsets in `songs.jsonl`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from midigen.codec.config import TokenizerConfig
-from midigen.codec.tokenizer import TokenSequence
+from midigen.codec.sandbox import EncodedSong
+from midigen.codec.tokenizer import PACKED_DTYPES, TokenSequence
+from midigen.data.splits import SPLITS
 from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
-ARRAY_DTYPES: dict[str, type[np.generic]] = {
-    "tokens": np.uint16,
-    "steps": np.uint32,
-    "bars": np.uint32,
-    "beats": np.uint16,
-}
+ARRAY_DTYPES = PACKED_DTYPES
 CONFIG_FILE = "tokenizer.json"
 SONGS_FILE = "songs.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 REPORT_FILE = "report.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,18 @@ class SkippedFile:
         return self.reason.split(":", 1)[0]
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
     """Complete rows of a journal and the byte length they span (a torn last line is ignored)."""
     if not path.exists():
         return [], 0
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(complete.splitlines(), 1):
+        try:
+            rows.append(row_type(**json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            raise MidigenError(f"{path}: store is damaged (line {number}: {exc})") from None
     return rows, len(complete)
 
 
@@ -80,8 +88,7 @@ class TokenStore:
         if not (self.root / CONFIG_FILE).exists():
             raise MidigenError(f"{self.root}: not a token store (no {CONFIG_FILE}); create one with `midigen encode`")
         self.config = TokenizerConfig.load(self.root / CONFIG_FILE)
-        rows, _ = _read_jsonl(self.root / SONGS_FILE)
-        self.songs = [SongEntry(**row) for row in rows]
+        self.songs: list[SongEntry] = _read_journal(self.root / SONGS_FILE, SongEntry)[0]
         self.num_tokens = self.songs[-1].start + self.songs[-1].length if self.songs else 0
         self.arrays = {name: self._map(name, dtype) for name, dtype in ARRAY_DTYPES.items()}
         report_path = self.root / REPORT_FILE
@@ -105,100 +112,122 @@ class TokenStore:
         return len(self.songs)
 
     def song(self, index: int) -> TokenSequence:
+        """Song `index` as a token sequence (its bar grid is rebuilt from the positions when decoded)."""
         entry = self.songs[index]
         window = slice(entry.start, entry.start + entry.length)
-        return TokenSequence(*(self.arrays[name][window].astype(np.int64) for name in ARRAY_DTYPES))
+        return TokenSequence.unpacked({name: array[window] for name, array in self.arrays.items()})
 
     def split_indices(self, split: str) -> list[int]:
         return [i for i, song in enumerate(self.songs) if song.split == split]
 
     def skipped(self) -> list[SkippedFile]:
-        rows, _ = _read_jsonl(self.root / SKIPPED_FILE)
-        return [SkippedFile(**row) for row in rows]
+        return _read_journal(self.root / SKIPPED_FILE, SkippedFile)[0]
 
 
 class StoreWriter:
-    """Appends songs to a store, creating it or resuming an interrupted one."""
+    """Appends songs to a store, creating it or resuming an interrupted one.
+
+    It keeps in memory only what resuming and the report need (paths, hashes, counts, skipped
+    files), not the songs' rows, so its memory grows by a few hundred bytes per file.
+    """
 
     def __init__(self, root: str | Path, config: TokenizerConfig) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise MidigenError(f"{self.root}: exists and is not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        config_path = self.root / CONFIG_FILE
-        if config_path.exists():
-            existing = TokenizerConfig.load(config_path)
-            if existing != config:
-                raise MidigenError(
-                    f"{self.root}: store was encoded with a different tokenizer config; use a new output folder"
-                )
-        elif any(self.root.iterdir()):
+        is_store = (self.root / CONFIG_FILE).exists()
+        if not is_store and any(p.name != LOCK_FILE for p in self.root.iterdir()):
             raise MidigenError(f"{self.root}: folder is not empty and is not a token store")
-        else:
-            config.save(config_path)
+        self.lock = self._lock()
+        if not is_store:
+            config.save(self.root / CONFIG_FILE)
+        elif TokenizerConfig.load(self.root / CONFIG_FILE) != config:
+            self.lock.close()
+            raise MidigenError(f"{self.root}: store was encoded with a different tokenizer config; use a new output folder")
         self.config = config
-        self.songs = [SongEntry(**row) for row in self._repair_journal(SONGS_FILE)]
-        self.skipped = [SkippedFile(**row) for row in self._repair_journal(SKIPPED_FILE)]
-        self.num_tokens = self.songs[-1].start + self.songs[-1].length if self.songs else 0
-        self.files: dict[str, IO[bytes]] = {}
-        for name, dtype in ARRAY_DTYPES.items():
-            handle = open(self.root / f"{name}.bin", "ab")
-            handle.truncate(self.num_tokens * np.dtype(dtype).itemsize)  # drop tokens of an unfinished song
-            self.files[name] = handle
-        self.songs_file = open(self.root / SONGS_FILE, "a")
-        self.skipped_file = open(self.root / SKIPPED_FILE, "a")
-        self.hashes = {song.hash: song.path for song in self.songs}
-        self.pending_rows: list[SongEntry] = []  # songs whose index rows wait for their tokens to be flushed
+        songs, songs_length = _read_journal(self.root / SONGS_FILE, SongEntry)
+        skipped, skipped_length = _read_journal(self.root / SKIPPED_FILE, SkippedFile)
+        self.num_tokens = songs[-1].start + songs[-1].length if songs else 0
+        self.hashes = {song.hash: song.path for song in songs}
+        self.done = {song.path for song in songs} | {skip.path for skip in skipped}
+        self.split_counts = Counter(song.split for song in songs)
+        self.skipped: list[SkippedFile] = skipped
+        self.songs_file = self._open_cut(SONGS_FILE, songs_length)
+        self.skipped_file = self._open_cut(SKIPPED_FILE, skipped_length)
+        self.files = {
+            name: self._open_cut(f"{name}.bin", self.num_tokens * np.dtype(dtype).itemsize)
+            for name, dtype in ARRAY_DTYPES.items()
+        }
+        self.pending_rows: list[str] = []  # index rows of songs whose tokens are not yet flushed
 
-    def _repair_journal(self, name: str) -> list[dict[str, Any]]:
-        path = self.root / name
-        rows, length = _read_jsonl(path)
-        if path.exists() and path.stat().st_size != length:
-            with open(path, "r+b") as handle:
-                handle.truncate(length)
-        return rows
+    def _lock(self) -> IO[bytes]:
+        handle = open(self.root / LOCK_FILE, "ab")
+        try:
+            # a POSIX record lock, unlike flock, is not inherited by forked workers, so a worker that
+            # outlives a killed encode cannot keep the store locked
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise MidigenError(f"{self.root}: another encode is writing this store") from None
+            raise
+        return handle
 
-    def done_paths(self) -> set[str]:
-        return {song.path for song in self.songs} | {skip.path for skip in self.skipped}
+    def _open_cut(self, name: str, length: int) -> IO[bytes]:
+        """Open a file for appending after its first `length` bytes, cutting off anything past them."""
+        handle = open(self.root / name, "ab")
+        size = handle.seek(0, 2)
+        if size < length:
+            handle.close()
+            raise MidigenError(f"{self.root / name}: store is damaged ({size} bytes, its index needs {length})")
+        handle.truncate(length)
+        return handle
+
+    @property
+    def encoded(self) -> int:
+        return sum(self.split_counts.values())
 
     def start_update(self) -> None:
         """Mark the store unfinished while it is being extended."""
         (self.root / REPORT_FILE).unlink(missing_ok=True)
 
-    def add_song(self, path: str, content_hash: str, notes: int, split: str, sequence: TokenSequence) -> SongEntry:
-        for name, dtype in ARRAY_DTYPES.items():
-            self.files[name].write(np.ascontiguousarray(getattr(sequence, name), dtype=dtype).tobytes())
-        entry = SongEntry(path, content_hash, self.num_tokens, len(sequence), notes, split)
-        self.songs.append(entry)
-        self.hashes[content_hash] = path
-        self.num_tokens += len(sequence)
-        self.pending_rows.append(entry)
+    def add_song(self, path: str, split: str, song: EncodedSong) -> SongEntry:
+        arrays = song.arrays()
+        for name, handle in self.files.items():
+            handle.write(arrays[name])
+        entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split)
+        self.pending_rows.append(json.dumps(vars(entry)) + "\n")
+        self.num_tokens += song.length
+        self.hashes[song.content_hash] = path
+        self.done.add(path)
+        self.split_counts[split] += 1
         return entry
 
     def add_skipped(self, path: str, reason: str) -> None:
         skip = SkippedFile(path, reason)
         self.skipped.append(skip)
-        self.skipped_file.write(json.dumps(asdict(skip)) + "\n")
+        self.done.add(path)
+        self.skipped_file.write((json.dumps(vars(skip)) + "\n").encode())
 
     def flush(self) -> None:
         """Make every song added so far durable in order: arrays first, then their index rows."""
         for handle in self.files.values():
             handle.flush()
-        for entry in self.pending_rows:
-            self.songs_file.write(json.dumps(asdict(entry)) + "\n")
+        self.songs_file.write("".join(self.pending_rows).encode())
         self.pending_rows = []
         self.songs_file.flush()
         self.skipped_file.flush()
 
-    def finish(self, files_seen: int) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         self.flush()
-        report = build_report(files_seen, self.songs, self.skipped, self.num_tokens)
+        report = build_report(self.encoded, self.num_tokens, self.skipped, self.split_counts)
         atomic_write_text(self.root / REPORT_FILE, json.dumps(report, indent=2) + "\n")
         return report
 
     def close(self) -> None:
         self.flush()
-        for handle in [*self.files.values(), self.songs_file, self.skipped_file]:
+        for handle in [*self.files.values(), self.songs_file, self.skipped_file, self.lock]:
             handle.close()
 
     def __enter__(self) -> StoreWriter:
@@ -208,16 +237,15 @@ class StoreWriter:
         self.close()
 
 
-def build_report(files_seen: int, songs: list[SongEntry], skipped: list[SkippedFile], tokens: int) -> dict[str, Any]:
+def build_report(encoded: int, tokens: int, skipped: list[SkippedFile], split_counts: Counter[str]) -> dict[str, Any]:
     by_reason: dict[str, list[dict[str, str]]] = {}
     for skip in skipped:
         by_reason.setdefault(skip.category, []).append({"path": skip.path, "reason": skip.reason})
     return {
-        "files": files_seen,
-        "encoded": len(songs),
+        "files": encoded + len(skipped),
+        "encoded": encoded,
         "tokens": tokens,
         "skipped": by_reason,
         "skipped_count": len(skipped),
-        "splits": {split: sum(1 for s in songs if s.split == split) for split in ("train", "val", "test")},
+        "splits": {split: split_counts[split] for split in SPLITS},
     }
-

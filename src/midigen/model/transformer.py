@@ -93,7 +93,7 @@ class Attention(nn.Module):
             k = torch.cat([past.keys, k], dim=2)  # (B, H, P+T, D)
             v = torch.cat([past.values, v], dim=2)
         bias = self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
-        mask = bias.masked_fill(~allowed, float("-inf"))  # (B or 1, H, T, S)
+        mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, T, S); bf16 under autocast
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, H, T, D)
         if knn is not None:

@@ -162,8 +162,6 @@ def train(
         stateful={"sampler": sampler},
         progress=progress,
     )
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     return trainer.fit(resume=resume), trainer
 
 

@@ -47,8 +47,11 @@ class FitResult:
     step: int
     train_loss: float | None
     val: dict[str, float]
-    interrupted: bool
     stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by == "interrupt"
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -279,7 +282,7 @@ class Trainer:
                 self._log({"step": self.step, **val, "elapsed_s": self.elapsed_s + time.monotonic() - start})
             self._checkpoint(start)
             self._plot()
-        return FitResult(self.step, last_loss, val, stopped_by == "interrupt", stopped_by)
+        return FitResult(self.step, last_loss, val, stopped_by)
 
     def _agree(self, flag: bool) -> bool:
         """Under DDP every rank must stop at the same step, or the next collective would hang."""

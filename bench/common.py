@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmarks: timing, machine description, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from midigen.io_utils import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+CACHE = ROOT / ".bench"
+HEADER = "# Benchmarks\n\nWritten by `make bench` (each section by the script named in it); never edited by hand.\n"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU count and model, OS, Python; torch and the GPU too when the benchmark uses torch."""
+    parts = [f"{os.cpu_count()} CPU cores ({cpu_model()})", platform.platform(terse=True), f"Python {platform.python_version()}"]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+        parts += [f"torch {torch.__version__}", gpu]
+    return ", ".join(parts)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace the section `## title` of BENCHMARKS.md (or add it), keeping every other section."""
+    script = Path(sys.argv[0]).name
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = f"## {title}\n\n_{stamp}, `python bench/{script}`, {machine()}._\n\n{body.strip()}\n"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    atomic_write_text(BENCHMARKS, text)
+    print(section)

@@ -1,0 +1,249 @@
+"""`midigen encode` throughput against MidiTok's REMI and a music21 parse, and its peak memory.
+
+The same MIDI files for all three (the Bach chorales of music21's corpus, exported once into .bench/
+by `midigen corpus`, and a ten times larger set: the same chorales in ten transpositions), the same
+number of worker processes, timed end to end with the pools' start-up:
+- midigen: the whole `encode_files` into a fresh token store;
+- MidiTok: `REMI.encode(path)` (one token stream for all tracks, as midigen writes) over a
+  multiprocessing pool, the token ids sent back to the parent;
+- music21: `converter.parse(path)` and a walk over its notes, over a pool, on a few dozen files
+  (it takes about a fifth of a second per file).
+Each measurement runs in a fresh process that has imported only its own library (before the timing
+starts, so that no worker spends its time importing), as a user's program would. midigen and MidiTok
+run in interleaved rounds and the median is reported, so background load hits both alike. On the
+small set midigen's run lasts about a tenth of a second, much of it starting and stopping workers;
+the large set shows the throughput on a real collection.
+Peak memory: `encode_files` in a fresh process on N and on 10·N files, the encoding process and its
+largest worker measured apart.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import symusic
+from common import CACHE, write_section
+
+WORKERS = 2
+ROUNDS = 5
+LONG_ROUNDS = 3
+MUSIC21_FILES = 40
+TRANSPOSITIONS = range(-5, 5)
+THROUGHPUT_GOALS = {"MidiTok REMI": 10.0, "music21": 300.0}
+RSS_GROWTH_GOAL = 1.5
+
+CHORALES = CACHE / "bach-chorales"
+TRANSPOSED = CACHE / "transposed"
+
+
+# ---- the files ----------------------------------------------------------------------------------
+def chorale_files() -> list[Path]:
+    """Every Bach chorale of music21's corpus as a MIDI file (`midigen corpus`), exported on the first run only."""
+    from midigen.data.corpus import export_corpus
+
+    return export_corpus("bach-chorales", CHORALES, workers=WORKERS, progress=False).paths
+
+
+def transposed_folders(chorales: Sequence[Path]) -> list[Path]:
+    """One folder per transposition, each holding every chorale transposed: N files a folder."""
+    folders = [TRANSPOSED / f"{shift:+d}" for shift in TRANSPOSITIONS]
+    complete = TRANSPOSED / ".complete"
+    if not complete.exists() or complete.read_text() != str(len(chorales)):
+        print(f"writing {len(folders)} transpositions of each chorale to {TRANSPOSED} (once)...", file=sys.stderr)
+        shutil.rmtree(TRANSPOSED, ignore_errors=True)
+        for shift, folder in zip(TRANSPOSITIONS, folders):
+            folder.mkdir(parents=True)
+            for path in chorales:
+                symusic.Score(str(path)).shift_pitch(shift).dump_midi(str(folder / path.name))
+        complete.write_text(str(len(chorales)))
+    return folders
+
+
+# ---- the three encoders: set up (imports included) untimed, then timed --------------------------
+_remi: Any = None  # MidiTok's tokenizer, made before the pool forks so its workers inherit it
+
+
+def _remi_ids(path: Path) -> np.ndarray:
+    return np.asarray(_remi.encode(path).ids, dtype=np.int32)
+
+
+def _music21_notes(path: Path) -> int:
+    from music21 import converter
+
+    score = converter.parse(str(path), forceSource=True)  # forceSource: parse the file, not a cached pickle
+    return sum(len(note.pitches) for note in score.recurse().notes)
+
+
+def midigen_encoder() -> Callable[[Sequence[Path]], None]:
+    from midigen.data.encode import encode_files
+
+    def run(paths: Sequence[Path]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            report = encode_files(paths, Path(folder) / "store", workers=WORKERS, progress=False).report
+        assert report["encoded"] == len(paths), report["skipped"]
+
+    return run
+
+
+def miditok_encoder() -> Callable[[Sequence[Path]], None]:
+    from miditok import REMI, TokenizerConfig
+
+    global _remi
+    warnings.filterwarnings("ignore")
+    _remi = REMI(TokenizerConfig(use_programs=True))
+
+    def run(paths: Sequence[Path]) -> None:
+        with mp.get_context("fork").Pool(WORKERS) as pool:
+            ids = pool.map(_remi_ids, paths, chunksize=8)
+        assert all(len(song) for song in ids)
+
+    return run
+
+
+def music21_encoder() -> Callable[[Sequence[Path]], None]:
+    importlib.import_module("music21")  # before the pool forks
+
+    def run(paths: Sequence[Path]) -> None:
+        with mp.get_context("fork").Pool(WORKERS) as pool:
+            notes = pool.map(_music21_notes, paths)
+        assert all(notes)
+
+    return run
+
+
+ENCODERS = {"midigen": midigen_encoder, "MidiTok REMI": miditok_encoder, "music21": music21_encoder}
+
+
+def time_encoder(tool: str, list_file: Path) -> None:
+    """In a fresh process: set the encoder up, time one run over the files listed, print the seconds."""
+    run = ENCODERS[tool]()
+    paths = [Path(line) for line in list_file.read_text().splitlines()]
+    start = time.perf_counter()
+    run(paths)
+    print(time.perf_counter() - start)
+
+
+def seconds_in_fresh_process(tool: str, paths: Sequence[Path]) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as list_file:
+        list_file.write("\n".join(map(str, paths)))
+        list_file.flush()
+        command = [sys.executable, __file__, "--time", tool, list_file.name]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.split()[-1])
+
+
+def median_seconds(tools: Sequence[str], paths: Sequence[Path], rounds: int) -> dict[str, float]:
+    """Median wall time of each tool on `paths`, the tools interleaved round by round."""
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
+    for _ in range(rounds):
+        for tool in tools:
+            times[tool].append(seconds_in_fresh_process(tool, paths))
+    return {tool: statistics.median(values) for tool, values in times.items()}
+
+
+def files_per_second(file_sets: dict[str, Sequence[Path]]) -> tuple[dict[str, dict[str, float]], float]:
+    """midigen's and MidiTok's files/s on each set of files, and music21's on the first files of the first set."""
+    for paths in file_sets.values():
+        for path in paths:
+            path.read_bytes()  # into the page cache, for every tool alike
+    rates = {}
+    for label, paths in file_sets.items():
+        rounds = ROUNDS if len(paths) < 1000 else LONG_ROUNDS
+        seconds = median_seconds(["midigen", "MidiTok REMI"], paths, rounds)
+        rates[label] = {tool: len(paths) / secs for tool, secs in seconds.items()}
+    subset = next(iter(file_sets.values()))[:MUSIC21_FILES]
+    return rates, len(subset) / median_seconds(["music21"], subset, rounds=1)["music21"]
+
+
+# ---- peak memory --------------------------------------------------------------------------------
+def measure_peak_rss(folder: Path) -> None:
+    """In a fresh process: encode `folder` and print the peak RSS (KiB) of this process and of its largest worker."""
+    midigen_encoder()(sorted(folder.rglob("*.mid")))
+    # VmHWM, not ru_maxrss, which keeps the peak of the process this one was started from
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # forked without exec: their own peak
+    print(json.dumps({"process": peak, "worker": workers}))
+
+
+def peak_rss_mib(folder: Path) -> dict[str, float]:
+    command = [sys.executable, __file__, "--rss", str(folder)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return {who: kib / 1024 for who, kib in json.loads(output.splitlines()[-1]).items()}
+
+
+# ---- report -------------------------------------------------------------------------------------
+def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
+    met = value >= goal if higher_is_better else value < goal
+    return "met" if met else "NOT met"
+
+
+def report(rates: dict[str, dict[str, float]], music21_rate: float, rss: dict[int, dict[str, float]]) -> str:
+    remi_goal, music21_goal = THROUGHPUT_GOALS["MidiTok REMI"], THROUGHPUT_GOALS["music21"]
+    lines = [
+        f"Files per second, end to end with {WORKERS} worker processes for every tool, pool start-up included. "
+        f"midigen and MidiTok: median of {ROUNDS} interleaved rounds ({LONG_ROUNDS} on the large set). "
+        f"music21 on the first {MUSIC21_FILES} chorales: {music21_rate:.1f} files/s.",
+        "",
+        "| files | midigen | MidiTok REMI | midigen / REMI | midigen / music21 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, rate in rates.items():
+        over_remi, over_music21 = rate["midigen"] / rate["MidiTok REMI"], rate["midigen"] / music21_rate
+        lines.append(
+            f"| {label} | {rate['midigen']:,.0f} | {rate['MidiTok REMI']:,.0f} | {over_remi:.1f}× "
+            f"(goal ≥ {remi_goal:g}×: {verdict(over_remi, remi_goal)}) | {over_music21:,.0f}× "
+            f"(goal ≥ {music21_goal:g}×: {verdict(over_music21, music21_goal)}) |"
+        )
+    (n, small), (ten_n, large) = sorted(rss.items())
+    lines += [
+        "",
+        f"Peak memory (RSS) of `encode_files` in a fresh process, {WORKERS} workers, on N and 10·N files:",
+        "",
+        "| files | encoding process | largest worker |",
+        "|---:|---:|---:|",
+        f"| N = {n} | {small['process']:.0f} MiB | {small['worker']:.0f} MiB |",
+        f"| 10·N = {ten_n} | {large['process']:.0f} MiB | {large['worker']:.0f} MiB |",
+        "",
+    ]
+    for who, label in (("process", "encoding process"), ("worker", "largest worker")):
+        growth = large[who] / small[who]
+        goal = f"goal < {RSS_GROWTH_GOAL:g}×: {verdict(growth, RSS_GROWTH_GOAL, higher_is_better=False)}"
+        lines.append(f"Growth from N to 10·N, {label}: {growth:.2f}× ({goal}).  ")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    chorales = chorale_files()
+    folders = transposed_folders(chorales)
+    transposed = sorted(TRANSPOSED.rglob("*.mid"))
+    sizes = {name: sum(p.stat().st_size for p in paths) / 1e6 for name, paths in (("N", chorales), ("10N", transposed))}
+    file_sets = {
+        f"N = {len(chorales)} Bach chorales ({sizes['N']:.1f} MB)": chorales,
+        f"10·N = {len(transposed)}, each in ten transpositions ({sizes['10N']:.1f} MB)": transposed,
+    }
+    rates, music21_rate = files_per_second(file_sets)
+    rss = {len(chorales): peak_rss_mib(folders[0]), len(transposed): peak_rss_mib(TRANSPOSED)}
+    write_section("Encoding MIDI files (`midigen encode`)", report(rates, music21_rate, rss))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--time"]:
+        time_encoder(sys.argv[2], Path(sys.argv[3]))
+    elif sys.argv[1:2] == ["--rss"]:
+        measure_peak_rss(Path(sys.argv[2]))
+    else:
+        main()

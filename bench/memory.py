@@ -1,0 +1,184 @@
+"""Does memory help, and what does it cost? `none` vs `xl` vs `knn` on long pieces.
+
+Quality: the bundled Beethoven string quartets and Palestrina works, keeping only pieces at least
+4× longer than the context. The same model size, data stream (contiguous song batching with the
+same seed for all three, so every mode sees the same tokens in the same order) and number of
+steps for `none`, `xl` and `knn`; then validation NLL over every token of the long validation
+pieces, also by position inside the context window and inside the piece.
+
+Cost: CPU step time of `xl` and `knn` relative to `none` (same model, same batch, memories full),
+and kNN search time per step against the number of entries per lane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import CACHE, median_seconds, write_section
+
+from midigen.codec import TokenizerConfig
+from midigen.data.batching import TokenArrays
+from midigen.data.corpus import export_corpus
+from midigen.data.encode import encode_files
+from midigen.data.store import TokenStore
+from midigen.evaluation.nll import score_songs
+from midigen.model import ModelConfig, MusicTransformer
+from midigen.model.memory import KnnMemory, MemoryState
+from midigen.training.config import TrainConfig
+from midigen.training.recipe import load_trained, train
+
+CORPORA = ("beethoven-quartets", "palestrina")
+CONTEXT = 128
+LANES = 8
+MODES = ("none", "xl", "knn")
+WINDOW_BUCKETS = ((0, 16), (16, 64), (64, CONTEXT))
+PIECE_BUCKETS = ((0, 4 * CONTEXT), (4 * CONTEXT, 16 * CONTEXT), (16 * CONTEXT, 10**9))
+
+
+def model_config(memory: str) -> ModelConfig:
+    # a 4-layer model; the kNN layer is the 3rd, next to the top as in Memorizing Transformers
+    return ModelConfig.preset("small", TokenizerConfig(), d_model=128, n_layers=4, n_heads=4, context=CONTEXT,
+                              memory=memory, knn_layer=-2)
+
+
+def long_piece_store(root: Path) -> TokenStore:
+    """Export the corpora, and encode the pieces at least 4× longer than the context."""
+    store_dir = root / "store-long"
+    if (store_dir / "report.json").exists():
+        return TokenStore(store_dir)
+    files: list[Path] = []
+    for name in CORPORA:
+        files += export_corpus(name, root / "corpus" / name).paths
+    survey = root / "store-survey"
+    shutil.rmtree(survey, ignore_errors=True)
+    encode_files(files, survey)
+    long_paths = [s.path for s in TokenStore(survey).songs if s.length >= 4 * CONTEXT]
+    encode_files(long_paths, store_dir)
+    shutil.rmtree(survey)
+    return TokenStore(store_dir)
+
+
+def nll_by_position(run: Path, store: TokenStore) -> dict[str, float]:
+    trained = load_trained(run, "cpu")
+    data = TokenArrays(store, "memmap")
+    songs = store.split_indices("val")
+    totals: dict[str, list[float]] = {}
+    for batch, nll in score_songs(trained.model, data, songs, LANES, torch.device("cpu")):
+        scored = (batch["tokens"][:, 1:] != 0).numpy()
+        column = np.broadcast_to(np.arange(CONTEXT), scored.shape)
+        in_piece = batch["offset"].numpy()[:, None] + column + 1
+        values = nll.numpy()
+        groups = {"all": scored}
+        groups |= {f"window {a}-{b}": scored & (column >= a) & (column < b) for a, b in WINDOW_BUCKETS}
+        groups |= {f"piece {a}-{b if b < 10**9 else 'end'}": scored & (in_piece >= a) & (in_piece < b)
+                   for a, b in PIECE_BUCKETS}
+        for name, mask in groups.items():
+            total = totals.setdefault(name, [0.0, 0])
+            total[0] += float(values[mask].sum())
+            total[1] += int(mask.sum())
+    return {name: s / n for name, (s, n) in totals.items() if n}
+
+
+def quality(root: Path, steps: int) -> str:
+    store = long_piece_store(root)
+    lengths = [s.length for s in store.songs]
+    rows, results, minutes = [], {}, {}
+    for mode in MODES:
+        run = root / f"run-{mode}-{steps}"
+        if not (run / "checkpoint.pt").exists() or load_trained(run).step < steps:
+            shutil.rmtree(run, ignore_errors=True)
+            config = TrainConfig(max_steps=steps, batch_size=LANES, batching="contiguous", eval_interval=steps,
+                                 warmup_steps=100, device="cpu", seed=0)
+            started = time.monotonic()
+            train(store.root, run, model_config(mode), config)
+            minutes[mode] = (time.monotonic() - started) / 60
+        results[mode] = nll_by_position(run, store)
+    names = list(results["none"])
+    header = "| mode | " + " | ".join(names) + " | training minutes |"
+    rows = [header, "|---" * (len(names) + 2) + "|"]
+    for mode in MODES:
+        spent = f"{minutes[mode]:.1f}" if mode in minutes else "(cached run)"
+        rows.append(f"| {mode} | " + " | ".join(f"{results[mode][n]:.4f}" for n in names) + f" | {spent} |")
+    none, xl, knn = (results[m]["all"] for m in MODES)
+    verdict = (f"Ordered knn ≤ xl < none: **{'yes' if knn <= xl < none else 'no'}**; "
+               f"knn vs none: **{100 * (none - knn) / none:+.1f}%** (goal: at least 3% lower).")
+    return (
+        f"{len(store)} pieces of {', '.join(CORPORA)} at least {4 * CONTEXT} tokens long "
+        f"(median {int(np.median(lengths))}, longest {max(lengths)} tokens); "
+        f"{len(store.split_indices('train'))} train, {len(store.split_indices('val'))} validation. "
+        f"Model: 4 layers × 128 wide, 4 heads, context {CONTEXT}, XL memory of one segment, kNN on layer 3 "
+        f"(top-32, up to 65,536 entries per lane). {steps} steps of {LANES} lanes (contiguous batching, "
+        f"same seed for all modes), CPU.\n\n"
+        "Validation NLL (nats per token) over every token of the validation pieces, and by position of the "
+        "predicted token inside the context window and inside the piece:\n\n" + "\n".join(rows) + "\n\n" + verdict
+    )
+
+
+def step_cost() -> str:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 388, (LANES, CONTEXT + 1), generator=generator)
+    bars = torch.randint(0, 32, (LANES, CONTEXT), generator=generator)
+    beats = torch.randint(0, 64, (LANES, CONTEXT), generator=generator)
+    times = {}
+    for mode in MODES:
+        model = MusicTransformer(model_config(mode)).train()
+        memory = MemoryState(model.config, LANES, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        keep_going = torch.zeros(LANES, dtype=torch.bool)
+
+        def step() -> None:
+            loss = memory.forward(model, tokens[:, :-1], bars, beats, targets=tokens[:, 1:], new_song=keep_going).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(16):  # fill the memories as in the middle of a song (2,048 entries per lane)
+            step()
+        times[mode] = median_seconds(step, repeats=10)
+    rows = "\n".join(f"| {m} | {times[m] * 1000:.0f} ms | {times[m] / times['none']:.2f}× |" for m in MODES)
+    return ("Step time on CPU (forward, backward, AdamW), same model as above, batch of "
+            f"{LANES} lanes × {CONTEXT} tokens, memories holding 2,048 tokens per lane. Goals: xl ≤ 1.2×, knn ≤ 1.5×.\n\n"
+            "| mode | step | relative to none |\n|---|---|---|\n" + rows)
+
+
+def search_cost() -> str:
+    config = model_config("knn")
+    rows = []
+    for entries in (8192, 32768, 65536, 131072, 262144):
+        cells = []
+        for backend in ("faiss", "torch"):
+            memory = KnnMemory(LANES, config.n_heads, config.head_dim, entries, config.knn_top_k,
+                               torch.device("cpu"), backend)
+            chunk = 4096
+            for _ in range(entries // chunk):
+                keys = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, chunk, config.head_dim), dim=-1)
+                memory.write(keys, torch.randn_like(keys), torch.ones(LANES, chunk, dtype=torch.bool))
+            queries = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, CONTEXT, config.head_dim), dim=-1)
+            cells.append(f"{median_seconds(lambda: memory.search(queries), repeats=3) * 1000:.0f} ms")
+        rows.append(f"| {entries:,} | " + " | ".join(cells) + " |")
+    return (f"One search per step: {LANES} lanes × {config.n_heads} heads × {CONTEXT} queries, top-{config.knn_top_k}, "
+            f"exact inner product, CPU. faiss: one `search_preassigned` call over an IVF index whose lists are the "
+            f"(lane, head) stores; torch: batched matrix product + top-k (the GPU path).\n\n"
+            "| entries per lane | faiss | torch |\n|---|---|---|\n" + "\n".join(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per mode")
+    parser.add_argument("--skip-quality", action="store_true", help="only the cost measurements")
+    args = parser.parse_args()
+    root = CACHE / "memory"
+    root.mkdir(parents=True, exist_ok=True)
+    write_section("Memory: cost", step_cost() + "\n\n" + search_cost())
+    if not args.skip_quality:
+        write_section("Memory: quality on long pieces", quality(root, args.steps))
+
+
+if __name__ == "__main__":
+    main()

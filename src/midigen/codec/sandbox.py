@@ -1,0 +1,297 @@
+"""Encoding untrusted MIDI files in worker processes that may crash or hang.
+
+A malformed file can crash the MIDI parser itself (symusic is native code and has had segfaults on
+malformed files) or make it spin, so files are encoded in worker processes under a watchdog: a
+worker that dies or overruns its time is replaced, its file is reported with the reason, and the
+other files go on.
+
+Workers take files in chunks, so that messages cost little per file. Each worker publishes in shared
+memory which file of its chunk it is on and since when: a crash or a hang is pinned on that one file,
+and the rest of the chunk is handed out again. Results come back in input order, through a bounded
+reorder window, so memory stays flat however many files there are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from midigen.codec.config import TokenizerConfig
+from midigen.codec.midi_io import first_tempo, read_midi_bytes, read_notes
+from midigen.codec.timing import BarGrid
+from midigen.codec.tokenizer import PACKED_BYTES_PER_TOKEN, SeedTokenizer, TokenSequence, unpack
+from midigen.errors import BadMidiError, MidigenError
+
+DEFAULT_TIMEOUT_S = 120.0
+MAX_CHUNK = 32
+POLL_S = 0.2
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class EncodedSong(NamedTuple):
+    """One file encoded by a worker, in the compact form that crosses the process boundary cheaply."""
+
+    content_hash: str  # blake2b-128 of the file's bytes
+    notes: int  # notes read (drums dropped), before merging
+    merged: int  # notes dropped by the same-onset merge
+    clamped: int  # notes shortened to max_duration
+    tempo_qpm: float  # the file's first tempo
+    time_signatures: tuple[tuple[int, int, int], ...]  # (step, numerator, denominator)
+    packed: bytes  # `TokenSequence.pack()`
+
+    @property
+    def length(self) -> int:
+        return len(self.packed) // PACKED_BYTES_PER_TOKEN
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return unpack(self.packed)
+
+    def sequence(self, config: TokenizerConfig) -> TokenSequence:
+        """The token sequence, with the file's bar grid."""
+        grid = BarGrid.of(self.time_signatures, config.steps_per_quarter, config.beat_positions)
+        return TokenSequence.unpacked(self.arrays(), grid)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A file that could not be encoded, and why (one line)."""
+
+    reason: str
+
+
+EncodeResult = EncodedSong | Skip
+
+
+def encode_one(path: str, tokenizer: SeedTokenizer) -> EncodeResult:
+    """Encode one file in this process. Never raises: a failure is a `Skip`."""
+    try:
+        data = read_midi_bytes(path)
+        notes = read_notes(data, tokenizer.config.keep_drums)
+        sparse = tokenizer.sparse_score(notes)
+        sequence = tokenizer.index_score(tokenizer.position_score(sparse))
+    except BadMidiError as exc:
+        return Skip(exc.reason)
+    except MidigenError as exc:
+        return Skip(str(exc))
+    except MemoryError:
+        return Skip("out of memory while encoding")
+    except Exception as exc:  # a bug or an exotic file: report it and keep the batch going
+        return Skip(f"error: {type(exc).__name__}: {first_line(str(exc))}")
+    return EncodedSong(
+        content_hash=hashlib.blake2b(data, digest_size=16).hexdigest(),
+        notes=len(notes),
+        merged=sparse.merged_notes,
+        clamped=sparse.clamped_notes,
+        tempo_qpm=first_tempo(notes, tokenizer.config.tempo_qpm),
+        time_signatures=tuple((c.step, c.numerator, c.denominator) for c in sparse.grid.changes),
+        packed=sequence.pack(),
+    )
+
+
+def first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def encode_isolated(path: str | Path, config: TokenizerConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> EncodedSong:
+    """Encode one file in a worker process; a crash, a hang or a bad file raises `BadMidiError`."""
+    for _, result in encode_in_workers([str(path)], config, workers=1, timeout_s=timeout_s):
+        if isinstance(result, Skip):
+            raise BadMidiError(path, result.reason)
+        return result
+    raise AssertionError("encode_in_workers yields one result per path")
+
+
+def encode_in_workers(
+    paths: Sequence[str], config: TokenizerConfig, workers: int, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Iterator[tuple[int, EncodeResult]]:
+    """Encode `paths` in `workers` processes; yields (index, result) for every path, in input order."""
+    context = _context()
+    queue = _ChunkQueue(len(paths), workers)
+    window = 4 * MAX_CHUNK * workers  # how far results may run ahead of the oldest one not yet yielded
+    finished: dict[int, EncodeResult] = {}
+    next_out = 0
+    pool: list[_Worker] = []
+    try:
+        pool = [_Worker(context, config) for _ in range(min(workers, len(paths)))]
+        ready: set[Any] = set()
+        while True:
+            now = time.monotonic()
+            for slot, worker in enumerate(pool):
+                if worker.chunk is None or worker.collect(ready, finished):
+                    continue
+                failure = worker.failure(ready, now, timeout_s)
+                if failure is not None:
+                    position, reason = failure
+                    assert worker.chunk is not None
+                    finished[worker.chunk[position]] = Skip(reason)
+                    # the rest of the chunk goes out again (the results of the files before died with the worker)
+                    queue.give_back(worker.chunk[:position] + worker.chunk[position + 1 :])
+                    pool[slot] = worker.replaced()
+            # hand out work before passing results on, so that no worker waits while they are written
+            for slot, worker in enumerate(pool):
+                if worker.chunk is None and (chunk := queue.take(below=next_out + window)):
+                    if not worker.assign(chunk, paths):  # it had died while idle
+                        pool[slot] = worker.replaced()
+                        if not pool[slot].assign(chunk, paths):
+                            raise MidigenError("cannot start a worker process")
+            while next_out in finished:
+                yield next_out, finished.pop(next_out)
+                next_out += 1
+            if next_out == len(paths):
+                return
+            busy = [w for w in pool if w.chunk is not None]
+            assert busy, "every unfinished file is queued or in a worker's chunk"
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_S))
+    finally:
+        for worker in pool:
+            worker.stop(kill=worker.chunk is not None)
+        for worker in pool:  # all told to stop first, so that they exit together
+            worker.reap()
+
+
+class _ChunkQueue:
+    """Indices still to encode, in order, handed out in chunks; chunks given back go out first."""
+
+    def __init__(self, total: int, workers: int) -> None:
+        self.total, self.workers, self.next = total, workers, 0
+        self.returned: deque[list[int]] = deque()
+
+    def take(self, below: int) -> list[int]:
+        if self.returned:
+            return self.returned.popleft()
+        # smaller chunks towards the end keep every worker busy until the last file
+        size = max(1, min(MAX_CHUNK, (self.total - self.next) // (4 * self.workers)))
+        end = min(self.next + size, self.total, below)
+        chunk = list(range(self.next, end))
+        self.next = max(self.next, end)
+        return chunk
+
+    def give_back(self, chunk: list[int]) -> None:
+        if chunk:
+            self.returned.append(chunk)
+
+
+def _serve(conn: Connection, config: TokenizerConfig, progress: Any, parent: int) -> None:
+    """A worker's loop: encode each chunk of paths it receives, publishing which file it is on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with(parent)
+    gc.freeze()  # the garbage collector is not to walk (and so copy) every object inherited from the parent
+    tokenizer = SeedTokenizer(config)
+    try:
+        while (chunk := conn.recv()) is not None:
+            results = []
+            for position, path in enumerate(chunk):
+                progress[1] = time.monotonic()  # the start time first: the parent reads them the other way round
+                progress[0] = position
+                results.append(encode_one(path, tokenizer))
+            conn.send(results)
+    except (EOFError, OSError):
+        pass  # the parent is gone
+    os._exit(0)  # nothing to clean up: skip the interpreter's shutdown, which the parent would wait for
+
+
+def _die_with(parent: int) -> None:
+    """Have Linux kill this worker when the encoding process dies (killed, it cannot stop its workers),
+    even in the middle of a parse that would never end."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
+
+
+class _Worker:
+    def __init__(self, context: Any, config: TokenizerConfig) -> None:
+        self.context, self.config = context, config
+        self.conn, child = context.Pipe()
+        self.progress = context.RawArray("d", 2)  # (position in chunk, monotonic start time of that file)
+        self.process = context.Process(target=_serve, args=(child, config, self.progress, os.getpid()), daemon=True)
+        self.process.start()
+        child.close()
+        self.chunk: list[int] | None = None
+
+    def assign(self, chunk: list[int], paths: Sequence[str]) -> bool:
+        """Send a chunk of files; False if the worker is gone."""
+        self.progress[0], self.progress[1] = 0, time.monotonic()
+        try:
+            self.conn.send([paths[i] for i in chunk])
+        except OSError:
+            return False
+        self.chunk = chunk
+        return True
+
+    def replaced(self) -> _Worker:
+        """Kill this worker and start a fresh one."""
+        self.stop(kill=True)
+        self.reap()
+        return _Worker(self.context, self.config)
+
+    def collect(self, ready: set[Any], finished: dict[int, EncodeResult]) -> bool:
+        """Take the chunk's results if they have arrived; False if not (yet, or ever)."""
+        if self.conn not in ready:
+            return False
+        try:
+            results = self.conn.recv()
+        except (EOFError, OSError):
+            return False  # died while replying
+        assert self.chunk is not None
+        finished.update(zip(self.chunk, results))
+        self.chunk = None
+        return True
+
+    def failure(self, ready: set[Any], now: float, timeout_s: float) -> tuple[int, str] | None:
+        """(position in the chunk, reason) of the file in hand if the worker died on it or overran its
+        time with it, else None."""
+        position = int(self.progress[0])  # before the start time, which the worker writes first
+        if self.conn in ready or self.process.sentinel in ready:
+            self.process.join(timeout=1)
+            return position, _death_reason(self.process.exitcode)
+        if now - self.progress[1] > timeout_s:
+            return position, f"timed out: no result after {timeout_s:g} s"
+        return None
+
+    def stop(self, kill: bool = False) -> None:
+        """Tell the worker to exit, or kill it; `reap` waits for it."""
+        if kill:
+            self.process.kill()
+            return
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+
+    def reap(self) -> None:
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"parser crashed: {name}"
+    return f"parser crashed: exit code {exitcode}"
+
+
+def _context() -> Any:
+    # fork starts a worker in milliseconds; elsewhere spawn is the only safe choice
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")

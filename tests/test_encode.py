@@ -1,0 +1,307 @@
+"""`encode_files`: bad files never take the run down, crashed and hung parsers are caught, and an
+interrupted encode resumes to exactly what an uninterrupted one writes."""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from midi_factory import make_score, million_note_score, write_score
+
+from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import sandbox
+from midigen.codec.sandbox import EncodeResult
+from midigen.data import encode as encode_module
+from midigen.data.encode import encode_files, input_paths
+from midigen.data.store import TokenStore
+
+MELODY = [(0, 60, 4), (4, 62, 4), (8, 64, 8)]
+
+
+def songs_of(store: Path) -> list[tuple[str, str, list[int]]]:
+    """(file name, content hash, tokens) of every song, in order."""
+    opened = TokenStore(store)
+    return [(Path(s.path).name, s.hash, opened.song(i).tokens.tolist()) for i, s in enumerate(opened.songs)]
+
+
+def copy_prompts(prompt_files: list[Path], folder: Path, copies: int = 1) -> list[Path]:
+    """Real files; copy k gets k bytes of trailing padding, so that copies differ in content (hash)."""
+    paths = []
+    for copy in range(copies):
+        for source in prompt_files:
+            target = folder / f"c{copy}" / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes() + b"\0" * copy)
+            paths.append(target)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def million_note_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_score(tmp_path_factory.mktemp("big") / "million.mid", million_note_score())
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path, prompt_files: list[Path], million_note_file: Path) -> dict[str, Path]:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    real = prompt_files[0].read_bytes()
+    inputs = {
+        "good": write_score(folder / "good.mid", make_score([MELODY])),
+        "zero length": folder / "empty.mid",
+        "text renamed .mid": folder / "readme.mid",
+        "random bytes": folder / "noise.mid",
+        "truncated": folder / "truncated.mid",
+        "no notes": write_score(folder / "silent.mid", make_score([[]])),
+        "only drums": write_score(folder / "drums.mid", make_score([], drum_tracks=[[(0, 36, 1), (4, 38, 1)]])),
+        "hour-long note": write_score(folder / "drone.mid", make_score([[(0, 48, 8 * 120 * 60), (2, 60, 4)]])),
+        "million notes": million_note_file,
+        "missing": folder / "missing.mid",
+        "symlink loop": folder / "loop.mid",
+    }
+    inputs["zero length"].write_bytes(b"")
+    inputs["text renamed .mid"].write_text("these are my notes, not MIDI ones\n")
+    inputs["random bytes"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    inputs["truncated"].write_bytes(real[: len(real) // 2])
+    inputs["symlink loop"].symlink_to(inputs["symlink loop"])
+    return inputs
+
+
+EXPECTED_REASONS = {
+    "zero length": "empty file (0 bytes)",
+    "text renamed .mid": "not a MIDI file (no MThd header)",
+    "random bytes": "not a MIDI file (no MThd header)",
+    "truncated": "malformed MIDI: ",
+    "no notes": "no notes",
+    "only drums": "only drum notes (drums are dropped)",
+    "missing": "no such file",
+    "symlink loop": "cannot read: ",
+}
+
+
+def test_bad_inputs_are_skipped_with_their_reason(tmp_path: Path, bad_inputs: dict[str, Path]) -> None:
+    summary = encode_files(list(bad_inputs.values()), tmp_path / "store", workers=2, progress=False)
+    report = summary.report
+    reasons = dict(summary.skipped_now)
+    for case, expected in EXPECTED_REASONS.items():
+        assert reasons[os.path.abspath(bad_inputs[case])].startswith(expected), case
+    assert report["files"] == len(bad_inputs) and report["encoded"] == 3 and report["skipped_count"] == len(EXPECTED_REASONS)
+    named = {entry["path"] for entries in report["skipped"].values() for entry in entries}
+    assert named == {os.path.abspath(bad_inputs[case]) for case in EXPECTED_REASONS}
+    store = TokenStore(tmp_path / "store")
+    encoded = {Path(song.path).name: song for song in store.songs}
+    assert set(encoded) == {"good.mid", "drone.mid", "million.mid"}
+    assert encoded["million.mid"].notes == 1_000_000 and encoded["million.mid"].length == 4 * 1_000_000
+    drone = SeedTokenizer(store.config).decode_sparse(store.song(store.songs.index(encoded["drone.mid"])).tokens)
+    assert drone.notes() == {(0, 48, store.config.max_duration), (2, 60, 4)}  # the hour is clamped
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+    path = write_score(tmp_path / "locked.mid", make_score([MELODY]))
+    path.chmod(0)
+    summary = encode_files([path], tmp_path / "store", workers=1, progress=False)
+    assert summary.skipped_now == [(str(path), "permission denied")]
+
+
+def fail_on(name: str, failure: str) -> Callable[[str, SeedTokenizer], EncodeResult]:
+    """A stand-in for `sandbox.encode_one` that crashes or hangs on the file called `name`."""
+    real_encode_one = sandbox.encode_one
+
+    def encode_one(path: str, tokenizer: SeedTokenizer) -> EncodeResult:
+        if Path(path).name == name:
+            if failure == "crash":
+                faulthandler.disable()  # pytest's handler would print the crash; a parser's crash is silent
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(60)
+        return real_encode_one(path, tokenizer)
+
+    return encode_one
+
+
+@pytest.mark.parametrize(("failure", "reason"), [("crash", "parser crashed: SIGSEGV"), ("hang", "timed out: no result after 1 s")])
+def test_crashed_or_hung_parser_skips_only_its_file(
+    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch, failure: str, reason: str
+) -> None:
+    # the forked workers inherit the stand-in
+    victim = prompt_files[5]
+    monkeypatch.setattr(sandbox, "encode_one", fail_on(victim.name, failure))
+    summary = encode_files(prompt_files, tmp_path / "store", workers=2, timeout_s=1, progress=False)
+    assert summary.skipped_now == [(str(victim), reason)]
+    monkeypatch.undo()
+    reference = encode_files([p for p in prompt_files if p != victim], tmp_path / "reference", workers=1, progress=False)
+    assert songs_of(tmp_path / "store") == songs_of(reference.store)
+
+
+def test_a_crash_mid_chunk_blames_one_file_and_retries_the_rest(
+    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one worker takes chunks of several files: the victims have files before and after them in theirs
+    paths = [str(p) for p in copy_prompts(prompt_files, tmp_path, copies=2)]
+    victim = Path(paths[13])  # and its copy, paths[32]
+    monkeypatch.setattr(sandbox, "encode_one", fail_on(victim.name, "crash"))
+    results = list(sandbox.encode_in_workers(paths, TokenizerConfig(), workers=1))
+    assert [index for index, _ in results] == list(range(len(paths)))
+    tokenizer = SeedTokenizer()
+    for index, result in results:
+        if Path(paths[index]).name == victim.name:
+            assert result == sandbox.Skip("parser crashed: SIGSEGV")
+        else:
+            assert isinstance(result, sandbox.EncodedSong)
+            np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(paths[index]).tokens)
+
+
+def test_store_does_not_depend_on_the_number_of_workers(tmp_path: Path, prompt_files: list[Path]) -> None:
+    inputs = copy_prompts(prompt_files, tmp_path / "in", copies=3)
+    one = encode_files(inputs, tmp_path / "one", workers=1, progress=False)
+    three = encode_files(inputs, tmp_path / "three", workers=3, progress=False)
+    assert songs_of(one.store) == songs_of(three.store)
+    assert one.report == three.report and one.report["encoded"] == len(inputs)
+
+
+def test_interrupted_encode_resumes_without_redoing_anything(
+    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = copy_prompts(prompt_files, tmp_path / "in", copies=2)
+    reference = encode_files(inputs, tmp_path / "reference", workers=2, progress=False)
+    real_record = encode_module._record
+    recorded: list[str] = []
+
+    def record_then_interrupt(writer, path, result, summary) -> None:  # noqa: ANN001
+        if len(recorded) == 11:
+            raise KeyboardInterrupt  # as Ctrl-C lands in the parent
+        recorded.append(path)
+        real_record(writer, path, result, summary)
+
+    monkeypatch.setattr(encode_module, "_record", record_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+    partial = TokenStore(tmp_path / "store")
+    assert not partial.complete and [s.path for s in partial.songs] == recorded
+    monkeypatch.undo()
+    resumed = encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+    assert resumed.already_done == 11 and resumed.new_songs == len(inputs) - 11
+    assert songs_of(tmp_path / "store") == songs_of(reference.store)
+    assert resumed.report == reference.report
+
+
+KILLABLE_ENCODE = """
+import sys, time
+from midigen.codec import sandbox
+from midigen.data import encode
+from midigen.cli.main import main
+real = sandbox.encode_one
+def slow(path, tokenizer):
+    time.sleep(0.02)
+    return real(path, tokenizer)
+sandbox.encode_one = slow
+encode.FLUSH_INTERVAL_S = 0  # write each song's row as soon as it is done
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_encode_resumes_to_the_same_store(tmp_path: Path, prompt_files: list[Path]) -> None:
+    inputs = copy_prompts(prompt_files, tmp_path / "in", copies=6)
+    store = tmp_path / "store"
+    command = [sys.executable, "-c", KILLABLE_ENCODE, "encode", str(tmp_path / "in"), "-o", str(store), "--workers", "2", "--quiet"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    songs_file = store / "songs.jsonl"
+    deadline = time.monotonic() + 30
+    while not (songs_file.exists() and songs_file.read_bytes().count(b"\n") >= 20) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = TokenStore(store)
+    assert not written.complete and 20 <= len(written) < len(inputs)
+    resumed = encode_files([tmp_path / "in"], store, workers=2, progress=False)
+    assert resumed.already_done == len(written) and resumed.report["skipped_count"] == 0
+    reference = encode_files([tmp_path / "in"], tmp_path / "reference", workers=2, progress=False)
+    assert songs_of(store) == songs_of(reference.store)
+    assert (store / "tokens.bin").stat().st_size == 2 * resumed.report["tokens"]
+
+
+HANGING_ENCODE = """
+import sys, time
+from midigen.codec import sandbox
+from midigen.cli.main import main
+sandbox.encode_one = lambda path, tokenizer: time.sleep(600)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_encode(tmp_path: Path, prompt_files: list[Path]) -> None:
+    # killing only the encoding process, while its workers are stuck in a parse that never ends
+    command = [sys.executable, "-c", HANGING_ENCODE, "encode", *map(str, prompt_files), "-o", str(tmp_path / "store"), "--workers", "2", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while len(workers := children_of(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_duplicates_and_repeated_inputs(tmp_path: Path, prompt_files: list[Path]) -> None:
+    original, twin = tmp_path / "in" / "a" / "song.mid", tmp_path / "in" / "b" / "same song.MID"
+    for path in (original, twin):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(prompt_files[0], path)
+    (tmp_path / "in" / "notes.txt").write_text("not MIDI, not looked at")
+    inputs = [tmp_path / "in", tmp_path / "in", original, prompt_files[1]]
+    summary = encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+    assert [Path(song.path) for song in TokenStore(summary.store).songs] == [original, prompt_files[1]]
+    assert summary.skipped_now == [(str(twin), f"duplicate: same content as {original}")]
+
+
+def test_input_paths_are_absolute_recursive_sorted_and_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("b/2.midi", "b/1.MID", "a.mid", "a.txt", "c/d/e.mid"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert input_paths([".", "a.mid", "missing.mid"]) == [
+        str(tmp_path / name) for name in ("a.mid", "b/1.MID", "b/2.midi", "c/d/e.mid", "missing.mid")
+    ]
+
+
+def test_rerun_on_a_finished_store_changes_nothing(tmp_path: Path, prompt_files: list[Path]) -> None:
+    first = encode_files(prompt_files[:4], tmp_path / "store", workers=2, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
+    again = encode_files(prompt_files[:4], tmp_path / "store", workers=2, progress=False)
+    assert again.new_songs == 0 and again.already_done == 4 and again.report == first.report
+    assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
+    assert json.loads((tmp_path / "store" / "report.json").read_text()) == first.report
