@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from midigen.codec.config import TokenizerConfig
+from midigen.cli.options import add_tokenizer_options, tokenizer_config
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S
 from midigen.errors import MidigenError
-
-DEFAULTS = TokenizerConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,19 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds allowed per file (default {DEFAULT_TIMEOUT_S:g})"
     )
-    parser.add_argument(
-        "--steps-per-quarter",
-        type=int,
-        default=DEFAULTS.steps_per_quarter,
-        help=f"grid resolution (default {DEFAULTS.steps_per_quarter})",
-    )
-    parser.add_argument(
-        "--max-duration",
-        type=int,
-        default=DEFAULTS.max_duration,
-        help=f"longest duration token, in steps (default {DEFAULTS.max_duration})",
-    )
-    parser.add_argument("--keep-drums", action="store_true", help="keep drum tracks (dropped by default)")
+    add_tokenizer_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -48,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from midigen.data.encode import encode_files
 
-    config = TokenizerConfig(
-        steps_per_quarter=args.steps_per_quarter, max_duration=args.max_duration, keep_drums=args.keep_drums
-    )
+    config = tokenizer_config(args)
     summary = encode_files(
         args.inputs, args.output, config, workers=args.workers, timeout_s=args.timeout, progress=not args.quiet
     )

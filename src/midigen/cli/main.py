@@ -20,7 +20,7 @@ def command_modules() -> list[str]:
     """Each module `midigen.cli.<name>` that defines `register(subparsers)` adds one subcommand."""
     import midigen.cli
 
-    names = [m.name for m in pkgutil.iter_modules(midigen.cli.__path__) if m.name != "main"]
+    names = [m.name for m in pkgutil.iter_modules(midigen.cli.__path__) if m.name not in ("main", "options")]
     return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from midigen.codec.config import TokenizerConfig
+from midigen.cli.options import add_tokenizer_options, tokenizer_config
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S
-
-DEFAULTS = TokenizerConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,19 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", help="MIDI file")
     parser.add_argument("-o", "--output", required=True, help="MIDI file to write")
-    parser.add_argument(
-        "--steps-per-quarter",
-        type=int,
-        default=DEFAULTS.steps_per_quarter,
-        help=f"grid resolution (default {DEFAULTS.steps_per_quarter})",
-    )
-    parser.add_argument(
-        "--max-duration",
-        type=int,
-        default=DEFAULTS.max_duration,
-        help=f"longest duration token, in steps (default {DEFAULTS.max_duration})",
-    )
-    parser.add_argument("--keep-drums", action="store_true", help="keep drum tracks (dropped by default)")
+    add_tokenizer_options(parser)
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds allowed to encode (default {DEFAULT_TIMEOUT_S:g})"
     )
@@ -43,9 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from midigen.codec.roundtrip import roundtrip_file
 
-    config = TokenizerConfig(
-        steps_per_quarter=args.steps_per_quarter, max_duration=args.max_duration, keep_drums=args.keep_drums
-    )
+    config = tokenizer_config(args)
     report = roundtrip_file(args.input, args.output, config, timeout_s=args.timeout)
     print(
         f"{args.input}: {report.notes_in} notes in, {report.notes_out} out "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -35,6 +34,7 @@ from midigen.codec.midi_io import first_tempo, read_midi_bytes, read_notes
 from midigen.codec.timing import BarGrid
 from midigen.codec.tokenizer import PACKED_BYTES_PER_TOKEN, SeedTokenizer, TokenSequence, unpack
 from midigen.errors import BadMidiError, MidigenError
+from midigen.workers import death_reason, process_context
 
 DEFAULT_TIMEOUT_S = 120.0
 MAX_CHUNK = 32
@@ -120,7 +120,7 @@ def encode_in_workers(
     paths: Sequence[str], config: TokenizerConfig, workers: int, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> Iterator[tuple[int, EncodeResult]]:
     """Encode `paths` in `workers` processes; yields (index, result) for every path, in input order."""
-    context = _context()
+    context = process_context()
     queue = _ChunkQueue(len(paths), workers)
     window = 4 * MAX_CHUNK * workers  # how far results may run ahead of the oldest one not yet yielded
     finished: dict[int, EncodeResult] = {}
@@ -259,7 +259,7 @@ class _Worker:
         position = int(self.progress[0])  # before the start time, which the worker writes first
         if self.conn in ready or self.process.sentinel in ready:
             self.process.join(timeout=1)
-            return position, _death_reason(self.process.exitcode)
+            return position, f"parser crashed: {death_reason(self.process.exitcode)}"
         if now - self.progress[1] > timeout_s:
             return position, f"timed out: no result after {timeout_s:g} s"
         return None
@@ -280,18 +280,3 @@ class _Worker:
             self.process.kill()
             self.process.join()
         self.conn.close()
-
-
-def _death_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"parser crashed: {name}"
-    return f"parser crashed: exit code {exitcode}"
-
-
-def _context() -> Any:
-    # fork starts a worker in milliseconds; elsewhere spawn is the only safe choice
-    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")

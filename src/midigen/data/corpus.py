@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing as mp
 import os
 import re
 import signal
-import sys
 import time
 import warnings
 from collections import deque
@@ -29,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import symusic
-from tqdm import tqdm
 
 from midigen.codec.midi_io import parse_midi, write_midi
 from midigen.codec.sandbox import first_line
 from midigen.data.splits import SPLITS, split_of
 from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
+from midigen.workers import ForkSafeProgress, death_reason, process_context
 
 CORPORA = ("bach-chorales", "palestrina", "beethoven-quartets", "folk")
 DEFAULT_TIMEOUT_S = 300.0  # a Beethoven movement takes ~10 s; a piece still going after this is stuck
@@ -109,7 +107,7 @@ def export_corpus(
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     done = len(selected) - len(todo)
-    with _ForkSafeProgress(total=len(selected), initial=done, unit="piece", desc=corpus, disable=not progress) as bar:
+    with ForkSafeProgress(total=len(selected), initial=done, unit="piece", desc=corpus, disable=not progress) as bar:
         try:
             for piece, reason in _export_in_workers(todo, out, workers, timeout_s):
                 if reason is None:
@@ -263,7 +261,7 @@ def _unshare_signatures(score: Any) -> None:
     after an irregular bar (about 1 Essen tune in 10); its MIDI writer then fails with "already found
     in this Stream".
     """
-    from music21 import key, meter, stream, tempo
+    from music21 import key, meter, tempo
 
     signature_classes = (meter.TimeSignature, key.KeySignature, tempo.MetronomeMark)
     seen: set[int] = set()
@@ -357,15 +355,11 @@ def _remove_temp_files(out: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-class _ForkSafeProgress(tqdm):
-    monitor_interval = 0  # no monitor thread: workers are forked while the bar runs
-
-
 def _export_in_workers(
     pieces: Sequence[Piece], out: Path, workers: int, timeout_s: float
 ) -> Iterator[tuple[Piece, str | None]]:
     """Export pieces in worker processes; yields (piece, failure reason or None) as each one ends."""
-    context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    context = process_context()
     queue = deque(pieces)
     pool: list[_Worker] = []
     try:
@@ -427,7 +421,7 @@ class _Worker:
                 pass  # it died while replying
         if self.conn in ready or self.process.sentinel in ready:
             self.process.join(timeout=1)
-            return _Outcome(f"worker process died (exit code {self.process.exitcode})", worker_lost=True)
+            return _Outcome(f"worker process died ({death_reason(self.process.exitcode)})", worker_lost=True)
         if time.monotonic() - self.started > timeout_s:
             return _Outcome(f"timed out after {timeout_s:g} s", worker_lost=True)
         return None

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.midi_io import MIDI_SUFFIXES
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S, EncodedSong, EncodeResult, encode_in_workers
 from midigen.data.splits import split_of
 from midigen.data.store import StoreWriter
+from midigen.workers import ForkSafeProgress
 
 FLUSH_INTERVAL_S = 1.0
 
@@ -31,10 +30,6 @@ class EncodeSummary:
     new_songs: int = 0
     already_done: int = 0
     skipped_now: list[tuple[str, str]] = field(default_factory=list)
-
-
-class _Progress(tqdm):
-    monitor_interval = 0  # no monitor thread: workers are forked while the bar runs
 
 
 def find_midi_files(inputs: Iterable[str | Path]) -> Iterator[str]:
@@ -71,7 +66,7 @@ def encode_files(
         summary = EncodeSummary(Path(store_dir), {}, already_done=len(paths) - len(todo))
         if todo:
             writer.start_update()
-        with _Progress(total=len(paths), initial=summary.already_done, unit="file", desc="encode", disable=not progress) as bar:
+        with ForkSafeProgress(total=len(paths), initial=summary.already_done, unit="file", desc="encode", disable=not progress) as bar:
             last_flush = time.monotonic()
             for index, result in encode_in_workers(todo, config, workers, timeout_s):
                 _record(writer, todo[index], result, summary)

@@ -17,7 +17,9 @@ class TrainConfig(JsonConfig):
 
     max_steps: length of the learning-rate schedule; training stops there.
     max_minutes: wall-clock budget of one invocation; when it runs out a checkpoint is written and
-        training stops (resume to go on). Without max_steps the schedule follows the time budget.
+        training stops (resume to go on). The schedule follows whichever budget is further along, so
+        the learning rate has decayed when either runs out (a resumed time-budgeted run starts a new
+        cosine cycle).
     eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
     batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane; "auto" picks
         random without memory and contiguous with it.

@@ -195,9 +195,14 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _progress(self, invocation_start: float) -> float:
+        """How far the schedule is: the larger of the step and time fractions, so the learning rate has
+        decayed whichever budget runs out first."""
+        fractions = []
         if self.config.max_steps is not None:
-            return self.step / self.config.max_steps
-        return (self.elapsed_s + time.monotonic() - invocation_start) / (60 * self.config.max_minutes)  # type: ignore[operator]
+            fractions.append(self.step / self.config.max_steps)
+        if self.config.max_minutes is not None:
+            fractions.append((time.monotonic() - invocation_start) / (60 * self.config.max_minutes))
+        return max(fractions)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> tuple[float, int]:
         for group in self.optimizer.param_groups:
