@@ -29,7 +29,7 @@ class RecomputeDecoder:
         self.model, self.window = model, model.config.context
         self.history: list[np.ndarray] = [np.zeros(0, np.int64)] * 3
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
         self.history = [np.concatenate([h, a])[-self.window :] for h, a in zip(self.history, (tokens, bars, beats))]
         return self.model(*(torch.as_tensor(h).view(1, -1) for h in self.history)).logits[0, -1]

@@ -71,20 +71,45 @@ class SlidingWindowDecoder:
 
     def __init__(self, model: MusicTransformer) -> None:
         self.model = model
-        self.window = model.config.context
+        self.room = model.config.context - 1  # cached tokens; the next query is the window's last token
         self.device = next(model.parameters()).device
-        self.past: list[KV] | None = None
+        # keys/values live in buffers twice the room: appending writes in place, and only when a buffer
+        # is full are its newest `room` tokens moved to the front, once every `room` tokens
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.end = 0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
         """Feed tokens (T,) and return the logits (V,) for the next one."""
-        keep = slice(-self.window, None)  # only the last window can ever be attended to
+        keep = slice(-(self.room + 1), None)  # only the last window can ever be attended to
         inputs = (as_batch(a[keep], self.device) for a in (tokens, bars, beats))
-        output = self.model(*inputs, past=self.past)
-        room = self.window - 1  # the next query is the window's last token
-        cached = output.present if self.past is None else [p.then(n) for p, n in zip(self.past, output.present)]
-        self.past = [kv.last(room) for kv in cached]
+        output = self.model(*inputs, past=self.cached())
+        self.append(output.present)
         return output.logits[0, -1]
+
+    def cached(self) -> list[KV] | None:
+        if self.end == 0:
+            return None
+        start = max(0, self.end - self.room)
+        valid = torch.ones(1, self.end - start, dtype=torch.bool, device=self.device)
+        return [KV(k[:, :, start : self.end], v[:, :, start : self.end], valid) for k, v in self.buffers]
+
+    def append(self, present: list[KV]) -> None:
+        count = present[0].length
+        if not self.buffers:
+            self.buffers = [(kv.keys.new_empty(*kv.keys.shape[:2], 2 * self.room + count, kv.keys.shape[3]),
+                             kv.values.new_empty(*kv.values.shape[:2], 2 * self.room + count, kv.values.shape[3]))
+                            for kv in present]
+        if self.end + count > self.buffers[0][0].shape[2]:
+            kept = min(self.end, self.room)
+            for keys, values in self.buffers:
+                keys[:, :, :kept] = keys[:, :, self.end - kept : self.end].clone()
+                values[:, :, :kept] = values[:, :, self.end - kept : self.end].clone()
+            self.end = kept
+        for (keys, values), kv in zip(self.buffers, present):
+            keys[:, :, self.end : self.end + count] = kv.keys
+            values[:, :, self.end : self.end + count] = kv.values
+        self.end += count
 
 
 class MemoryDecoder:
@@ -102,7 +127,7 @@ class MemoryDecoder:
         self.memory = MemoryState(model.config, 1, self.device)
         self.segment: list[KV] | None = None  # keys/values of the current, unfinished segment
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
         first = 0
         while first < len(tokens):
