@@ -193,9 +193,11 @@ class StoreWriter:
         (self.root / REPORT_FILE).unlink(missing_ok=True)
 
     def add_song(self, path: str, split: str, song: EncodedSong) -> SongEntry:
-        arrays = song.arrays()
-        for name, handle in self.files.items():
-            handle.write(arrays[name])
+        packed, offset = memoryview(song.packed), 0
+        for name, handle in self.files.items():  # the packed buffer holds the arrays one after the other
+            size = song.length * np.dtype(ARRAY_DTYPES[name]).itemsize
+            handle.write(packed[offset : offset + size])
+            offset += size
         entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split)
         self.pending_rows.append(json.dumps(vars(entry)) + "\n")
         self.num_tokens += song.length
