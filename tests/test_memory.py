@@ -196,3 +196,13 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
     for prompt in (long_prompt, empty_prompt(TOKENIZER)):
         generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)
         assert Grammar(TOKENIZER.vocab).check(generation.sequence.tokens) is None
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str) -> None:
+    memory = KnnMemory(2, 1, 4, 100, 8, torch.device("cpu"), backend)
+    keys = torch.nn.functional.normalize(torch.randn(2, 1, 3, 4), dim=-1)
+    memory.write(keys, torch.randn(2, 1, 3, 4), torch.tensor([[True] * 3, [True, False, False]]))
+    found_keys, _, valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 5, 4), dim=-1))
+    assert found_keys.shape == (2, 1, 5, 8, 4)
+    assert valid[0].sum(-1).eq(3).all() and valid[1].sum(-1).eq(1).all()

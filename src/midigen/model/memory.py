@@ -150,15 +150,18 @@ class KnnMemory:
     def _search_torch(self, queries: Tensor, k: int) -> Tensor:
         B, H, T, D = queries.shape
         queries = queries.detach().to(self.device, torch.float32)
-        filled = torch.arange(self.capacity, device=self.device) < self.sizes().to(self.device).view(B, 1, 1, 1)
-        chunk = max(1, SEARCH_CHUNK_ELEMENTS // (B * H * self.capacity))
+        used = int(self.sizes().max())  # slots past every lane's size hold nothing
+        keys = self.keys[:, :, :used]
+        filled = torch.arange(used, device=self.device) < self.sizes().to(self.device).view(B, 1, 1, 1)
+        chunk = max(1, SEARCH_CHUNK_ELEMENTS // (B * H * used))
         found = []
         for first in range(0, T, chunk):
-            scores = torch.einsum("bhtd,bhcd->bhtc", queries[:, :, first : first + chunk], self.keys)
+            scores = torch.einsum("bhtd,bhcd->bhtc", queries[:, :, first : first + chunk], keys)
             scores = scores.masked_fill(~filled, float("-inf"))
-            top, slots = scores.topk(k, dim=-1)
+            top, slots = scores.topk(min(k, used), dim=-1)
             found.append(slots.masked_fill(top == float("-inf"), -1))
-        return torch.cat(found, dim=2)
+        slots = torch.cat(found, dim=2)
+        return torch.nn.functional.pad(slots, (0, k - slots.shape[-1]), value=-1)  # fewer entries than k: none
 
 
 def _ring_runs(slots: np.ndarray) -> list[tuple[int, int]]:
