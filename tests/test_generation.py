@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,12 +91,16 @@ def midigen(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "midigen", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_cli_writes_a_continuation(tiny_run: Path, tmp_path: Path) -> None:
+def test_cli_writes_a_continuation_with_its_picture_and_sound(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.mid"
+    audio = ["--wav"] if shutil.which("fluidsynth") else []
     done = midigen("generate", str(tiny_run), "--prompt", str(FUER_ELISE), "--prompt-bars", "2", "--bars", "2",
-                   "--seed", "1", "--top-p", "0.9", "-o", str(out))
+                   "--seed", "1", "--top-p", "0.9", "-o", str(out), "--png", *audio)
     assert done.returncode == 0, done.stderr
     assert symusic.Score(out).note_num() > 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    if audio:
+        assert out.with_suffix(".wav").read_bytes()[:4] == b"RIFF"
 
 
 def bad_inputs(tiny_run: Path, tmp_path: Path) -> list[tuple[str, list[str], str]]:

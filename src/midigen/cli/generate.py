@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable output")
+    parser.add_argument("--png", nargs="?", const="", metavar="OUT.png",
+                        help="also draw a piano roll (default path: the output's, with .png)")
+    parser.add_argument("--wav", nargs="?", const="", metavar="OUT.wav",
+                        help="also render audio with FluidSynth (default path: the output's, with .wav)")
+    parser.add_argument("--soundfont", metavar="SF2", help="General MIDI SoundFont for --wav")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(run=run)
 
@@ -35,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from midigen.generation.sampling import SamplingConfig
     from midigen.training.recipe import load_trained
 
+    from pathlib import Path
+
+    from midigen.evaluation.render import find_fluidsynth, find_soundfont, render_piano_roll, render_wav
+
+    output = Path(args.output)
+    png = None if args.png is None else Path(args.png or output.with_suffix(".png"))
+    wav = None if args.wav is None else Path(args.wav or output.with_suffix(".wav"))
+    if wav is not None:
+        find_fluidsynth(), find_soundfont(args.soundfont)  # a missing synthesizer or SoundFont stops us first
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     trained = load_trained(args.run_dir, args.device)
     tokenizer = SeedTokenizer(trained.tokenizer)
@@ -42,4 +56,8 @@ def run(args: argparse.Namespace) -> int:
     generation = generate(trained, prompt, sampling, bars=args.bars, new_tokens=args.tokens)
     score = write_generation(generation, tokenizer, args.output)
     print(f"{args.output}: {score.note_num()} notes, {len(generation.sequence) - generation.prompt_length} new tokens")
+    if png is not None:
+        print(render_piano_roll(output, png))
+    if wav is not None:
+        print(render_wav(output, wav, args.soundfont))
     return 0

@@ -6,8 +6,8 @@ each other. `MemoryState.forward` runs one segment with memory and then writes t
 kNN search is exact inner product on unit vectors. On the CPU it is one faiss call per step for
 all lanes and heads: an IVF-flat index whose inverted lists are the (lane, head) stores, searched
 with every query pre-assigned to its own list. Each list is a ring buffer of `capacity` entries
-(first in, first out). On a GPU without GPU faiss, the same exact search runs as batched matrix
-products in torch, where the memory already lives.
+(first in, first out). On a GPU the same exact search runs as batched matrix products in torch,
+where the memory then lives, so nothing crosses to the CPU (GPU faiss is not used).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class KnnMemory:
         self.lanes, self.heads, self.head_dim = lanes, heads, head_dim
         self.capacity, self.top_k = capacity, top_k
         if backend == "auto":
-            backend = "faiss" if device.type == "cpu" or _has_gpu_faiss() else "torch"
+            backend = "faiss" if device.type == "cpu" else "torch"
         self.backend = backend
         self.device = device if backend == "torch" else torch.device("cpu")
         self.keys = torch.zeros(lanes, heads, capacity, head_dim, device=self.device)  # (B, H, C, D)
@@ -172,10 +172,6 @@ def _ring_runs(slots: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [slots.size]))
     return list(zip(starts.tolist(), (ends - starts).tolist()))
-
-
-def _has_gpu_faiss() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 class MemoryState:
