@@ -45,7 +45,7 @@ class XLMemory:
     def push(self, present: list[KV], valid: Tensor) -> None:
         """Append a segment's keys/values (valid (B, T): False for padding) and keep the newest `length`."""
         fresh = [KV(kv.keys.detach(), kv.values.detach(), valid) for kv in present]
-        if self.layers is not None:
+        if self.layers is not None and valid.shape[1] < self.length:  # a short segment keeps some old tokens
             fresh = [old.then(new) for old, new in zip(self.layers, fresh)]
         self.layers = [kv.last(self.length) for kv in fresh]
 

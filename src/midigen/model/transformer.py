@@ -210,7 +210,9 @@ class MusicTransformer(nn.Module):
         distance = query_pos - key_pos  # (T, P+T)
         buckets = relative_buckets(distance, self.config.rel_pos_buckets, self.config.rel_pos_max_distance)
         allowed = (distance >= 0).view(1, 1, T, P + T)
-        if past is not None:
+        if past is not None and not bool(past.valid.all()):
+            # empty memory is masked, never attended as zeros; when none is empty the mask stays
+            # (1, 1, T, S), which spares building one mask per lane
             lane_valid = torch.cat([past.valid, torch.ones(past.valid.shape[0], T, dtype=torch.bool, device=device)], 1)
-            allowed = allowed & lane_valid.view(-1, 1, 1, P + T)  # empty memory is masked, never attended as zeros
+            allowed = allowed & lane_valid.view(-1, 1, 1, P + T)
         return buckets, allowed
