@@ -186,12 +186,13 @@ def search_cost() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3000, help="training steps per mode")
-    parser.add_argument("--skip-quality", action="store_true", help="only the cost measurements")
+    parser.add_argument("--only", choices=("cost", "quality"), help="run one of the two measurements")
     args = parser.parse_args()
     root = CACHE / "memory"
     root.mkdir(parents=True, exist_ok=True)
-    write_section("Memory: cost", step_cost() + "\n\n" + search_cost())
-    if not args.skip_quality:
+    if args.only != "quality":
+        write_section("Memory: cost", step_cost() + "\n\n" + search_cost())
+    if args.only != "cost":
         write_section("Memory: quality on long pieces", quality(root, args.steps))
 
 

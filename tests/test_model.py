@@ -11,7 +11,7 @@ import torch
 from midigen.codec import TokenizerConfig
 from midigen.generation.generate import SlidingWindowDecoder
 from midigen.model import KV, ModelConfig, MusicTransformer
-from midigen.model.transformer import relative_buckets
+from midigen.model.transformer import bucket_distances, relative_buckets
 from midigen.training.config import TrainConfig
 
 
@@ -94,6 +94,18 @@ def test_relative_buckets_are_exact_then_logarithmic() -> None:
     # 16 + floor(16 · log(d / 16) / log(512 / 16)) reaches the last bucket, 31, at d = 16 · 32^(15/16) ≈ 412.3
     assert buckets[412] == 30 and buckets[413:].eq(31).all()
     assert relative_buckets(torch.tensor([-5]), 32, 512).item() == 0
+
+
+def test_relative_bias_starts_local_with_a_different_reach_per_head() -> None:
+    """ALiBi-style start: every head penalises distance from the first step, the first head most."""
+    model = tiny()
+    buckets, max_distance = model.config.rel_pos_buckets, model.config.rel_pos_max_distance
+    distances = bucket_distances(buckets, max_distance)
+    assert torch.equal(relative_buckets(distances.long(), buckets, max_distance), torch.arange(buckets))
+    for block in model.blocks:
+        bias = block.attn.rel_bias.weight  # (buckets, H)
+        assert bias[0].eq(0).all() and (bias[1:] < bias[:-1]).all()
+        assert (bias[-1, :-1] < bias[-1, 1:]).all()
 
 
 def test_memory_keys_are_further_away_than_the_segment() -> None:

@@ -95,6 +95,14 @@ def test_time_budget_stops_training(prompt_store: Path, tmp_path: Path) -> None:
     assert load_trained(tmp_path / "timed").step == result.step
 
 
+def test_relative_position_biases_are_not_weight_decayed(prompt_store: Path, tmp_path: Path) -> None:
+    _, trainer = train(prompt_store, tmp_path / "run", MODEL, config(max_steps=1, weight_decay=0.1), progress=False)
+    decay_of = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    params = dict(trainer.model.named_parameters())
+    assert [decay_of[id(p)] for name, p in params.items() if "rel_bias" in name] == [0.0] * MODEL.n_layers
+    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.1
+
+
 def test_learning_rate_warms_up_then_decays() -> None:
     cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
     assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)

@@ -2,7 +2,9 @@
 
 Inputs are token + bar + position-in-bar embeddings; there is no absolute position embedding, so
 a window can slide or be extended by memory without re-encoding anything. Every layer adds a learned
-T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores.
+T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores,
+initialised as ALiBi's per-head linear penalties so that attention starts local, with a different
+reach per head.
 
 Memory hooks: each layer may attend to `past` keys/values prepended to its own (the XL memory when
 training, the KV cache when generating; both are the same mechanism), and returns the keys/values
@@ -63,13 +65,26 @@ def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int) -> T
     return torch.where(distance < exact, distance, large.clamp(max=num_buckets - 1))
 
 
+def bucket_distances(num_buckets: int, max_distance: int) -> Tensor:
+    """The smallest distance that falls in each bucket of `relative_buckets` (num_buckets,)."""
+    exact = num_buckets // 2
+    index = torch.arange(num_buckets, dtype=torch.float64)
+    logarithmic = exact * (max_distance / exact) ** ((index - exact) / (num_buckets - exact))
+    return torch.where(index < exact, index, logarithmic.ceil()).float()
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's geometric head slopes 2^(-8h/H), h = 1..H (Press et al. 2022)."""
+    return 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, with_knn: bool = False) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.rel_bias = nn.Embedding(config.rel_pos_buckets, config.n_heads)
+        self.rel_bias = nn.Embedding(config.rel_pos_buckets, config.n_heads)  # initialised by the model
         self.attn_dropout = config.attn_dropout
         self.with_knn = with_knn
         if with_knn:
@@ -155,9 +170,14 @@ class MusicTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        for block in self.blocks:  # GPT-2: scale the residual projections by depth
-            for layer in (block.attn.proj, block.mlp[2]):
+        # A bias started at zero hardly moves under AdamW (a few units in thousands of steps), so
+        # attention over a long context (XL memory) stayed diluted and learned worse than a short one.
+        distance_penalty = -bucket_distances(config.rel_pos_buckets, config.rel_pos_max_distance).view(-1, 1)
+        for block in self.blocks:
+            for layer in (block.attn.proj, block.mlp[2]):  # GPT-2: scale the residual projections by depth
                 nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+            with torch.no_grad():
+                block.attn.rel_bias.weight.copy_(distance_penalty * alibi_slopes(config.n_heads))  # (buckets, H)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -167,6 +187,10 @@ class MusicTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    def no_weight_decay(self) -> list[str]:
+        """The relative-position biases: decay would pull them back to no locality at all."""
+        return [name for name, _ in self.named_parameters() if "rel_bias" in name]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -126,8 +126,11 @@ class Trainer:
         )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        # biases, norms, and whatever the model names in `no_weight_decay()` (the timm convention) are not decayed
+        exempt = set(getattr(self.model, "no_weight_decay", lambda: ())())
+        params = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for name, p in params if p.dim() >= 2 and name not in exempt]
+        no_decay = [p for name, p in params if p.dim() < 2 or name in exempt]
         groups = [
             {"params": decay, "weight_decay": self.config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
