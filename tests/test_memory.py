@@ -86,6 +86,29 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(backend: str) -> Non
                                    expected_values, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: str) -> None:
+    torch.manual_seed(0)
+
+    def segment() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        valid = torch.ones(3, 12, dtype=torch.bool)
+        valid[2, 4:] = False  # lanes fill at different rates
+        return torch.nn.functional.normalize(torch.randn(3, 2, 12, 8), dim=-1), torch.randn(3, 2, 12, 8), valid
+
+    original = KnnMemory(3, 2, 8, 30, 4, torch.device("cpu"), backend)
+    for _ in range(3):  # lanes 0 and 1 wrap round their ring buffer
+        original.write(*segment())
+    restored = KnnMemory(3, 2, 8, 30, 4, torch.device("cpu"), backend)
+    restored.load_state_dict(original.state_dict())
+    for _ in range(2):
+        queries = torch.nn.functional.normalize(torch.randn(3, 2, 5, 8), dim=-1)
+        for a, b in zip(original.search(queries), restored.search(queries)):
+            assert torch.equal(a, b)
+        keys, values, valid = segment()
+        original.write(keys, values, valid)
+        restored.write(keys, values, valid)
+
+
 def test_knn_clear_forgets_one_lane_only() -> None:
     memory = KnnMemory(2, 1, 4, 10, 3, torch.device("cpu"), "faiss")
     memory.write(torch.nn.functional.normalize(torch.randn(2, 1, 6, 4), dim=-1), torch.randn(2, 1, 6, 4),

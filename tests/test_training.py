@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from midigen.codec import TokenizerConfig
-from midigen.data.batching import RandomChunks
+from midigen.data.batching import RandomChunks, SongLanes
 from midigen.errors import MidigenError
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
@@ -32,30 +32,33 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_trained(run).model.state_dict()
 
 
-def interrupt_at_batch(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
-    """Send ourselves Ctrl-C while the trainer draws its `batch`-th batch."""
-    original = RandomChunks.__next__
+def interrupt_at_batch(monkeypatch: pytest.MonkeyPatch, sampler: type, batch: int) -> None:
+    """Send ourselves Ctrl-C while the trainer draws its `batch`-th batch from a `sampler`."""
+    original = sampler.__next__
     drawn = 0
 
-    def next_then_interrupt(self: RandomChunks):  # noqa: ANN202
+    def next_then_interrupt(self: object):  # noqa: ANN202
         nonlocal drawn
         drawn += 1
         if drawn == batch:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self)
 
-    monkeypatch.setattr(RandomChunks, "__next__", next_then_interrupt)
+    monkeypatch.setattr(sampler, "__next__", next_then_interrupt)
 
 
-def test_resume_after_ctrl_c_gives_the_same_weights(prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("memory", ["none", "xl", "knn"])
+def test_resume_after_ctrl_c_gives_the_same_weights(memory: str, prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # with memory, lanes play songs back to back: the resumed run must remember what the lanes had seen
+    model = ModelConfig.preset("tiny", TokenizerConfig(), memory=memory, context=16)
     straight, result = tmp_path / "straight", None
-    result, _ = train(prompt_store, straight, MODEL, config(), progress=False)
+    result, _ = train(prompt_store, straight, model, config(), progress=False)
     assert result.step == 8 and not result.interrupted
 
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        interrupt_at_batch(patch, 4)
-        first, _ = train(prompt_store, resumed, MODEL, config(), progress=False)
+        interrupt_at_batch(patch, RandomChunks if memory == "none" else SongLanes, 4)
+        first, _ = train(prompt_store, resumed, model, config(), progress=False)
     assert first.interrupted and first.step == 4  # the step in flight finishes, then a checkpoint is written
     assert load_trained(resumed).step == 4
     second, _ = train(prompt_store, resumed, None, config(), resume=True, progress=False)

@@ -13,6 +13,7 @@ where the memory then lives, so nothing crosses to the CPU (GPU faiss is not use
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import faiss
 import numpy as np
@@ -48,6 +49,14 @@ class XLMemory:
         if self.layers is not None and valid.shape[1] < self.length:  # a short segment keeps some old tokens
             fresh = [old.then(new) for old, new in zip(self.layers, fresh)]
         self.layers = [kv.last(self.length) for kv in fresh]
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = None if self.layers is None else [(kv.keys, kv.values, kv.valid) for kv in self.layers]
+        return {"layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        layers = state["layers"]
+        self.layers = None if layers is None else [KV(*(t.to(device) for t in kv)) for kv in layers]
 
 
 class KnnMemory:
@@ -117,6 +126,29 @@ class KnnMemory:
                 invlists.update_entries(group, int(ids[offset]), count, faiss.swig_ptr(ids[offset : offset + count]),
                                         faiss.swig_ptr(np.ascontiguousarray(codes[offset : offset + count]).view(np.uint8)))
 
+    def state_dict(self) -> dict[str, Any]:
+        used = int(self.sizes().max())
+        return {"written": self.written.clone(), "keys": self.keys[:, :, :used].cpu(),
+                "values": self.values[:, :, :used].cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys, values, written = state["keys"], state["values"], state["written"]
+        if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3] != self.head_dim or keys.shape[2] > self.capacity:
+            raise ValueError(f"kNN memory of shape {tuple(keys.shape)} does not fit {tuple(self.keys.shape)}")
+        self.clear(torch.ones(self.lanes, dtype=torch.bool))
+        used = keys.shape[2]
+        self.keys[:, :, :used] = keys.to(self.device)
+        self.values[:, :, :used] = values.to(self.device)
+        self.written = written.clone()
+        if self.index is not None:  # a ring buffer's list position is its slot, so the lists are the slots in order
+            for lane, size in enumerate(self.sizes().tolist()):
+                ids = np.arange(size, dtype=np.int64)
+                for head in range(self.heads):
+                    codes = np.ascontiguousarray(self.keys[lane, head, :size].numpy())
+                    self.index.invlists.add_entries(lane * self.heads + head, size, faiss.swig_ptr(ids),
+                                                    faiss.swig_ptr(codes.view(np.uint8)))
+        self._sync_total()
+
     def _sync_total(self) -> None:
         if self.index is not None:
             self.index.ntotal = int(self.sizes().sum()) * self.heads
@@ -133,9 +165,11 @@ class KnnMemory:
         else:
             slots = self._search_torch(queries, k)
         valid = slots >= 0  # (B, H, T, K)
-        index = slots.clamp(min=0).view(B, H, T * k, 1).expand(B, H, T * k, D)
-        keys = torch.gather(self.keys, 2, index.to(self.device)).view(B, H, T, k, D)
-        values = torch.gather(self.values, 2, index.to(self.device)).view(B, H, T, k, D)
+        # whole rows of the (B·H·C, D) stores: far cheaper than an element-wise gather
+        lists = torch.arange(B * H, device=slots.device).view(B, H, 1, 1) * self.capacity
+        rows = (lists + slots.clamp(min=0)).flatten().to(self.device)
+        keys = self.keys.view(-1, D).index_select(0, rows).view(B, H, T, k, D)
+        values = self.values.view(-1, D).index_select(0, rows).view(B, H, T, k, D)
         target = queries.device
         return keys.to(target), values.to(target), valid.to(target)
 
@@ -178,7 +212,7 @@ class MemoryState:
     """The memories of a batch of lanes, for a model trained with `memory` = none, xl or knn."""
 
     def __init__(self, config: ModelConfig, lanes: int, device: torch.device, knn_backend: str = "auto") -> None:
-        self.config = config
+        self.config, self.device = config, device
         self.xl = XLMemory(config.memory_length) if config.memory != "none" else None
         self.knn = None
         if config.memory == "knn":
@@ -190,6 +224,17 @@ class MemoryState:
             self.xl.reset(lanes)
         if self.knn is not None:
             self.knn.clear(lanes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the lanes remember, so that a resumed training run goes on exactly."""
+        return {"xl": self.xl.state_dict() if self.xl is not None else None,
+                "knn": self.knn.state_dict() if self.knn is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.xl is not None and state["xl"] is not None:
+            self.xl.load_state_dict(state["xl"], self.device)
+        if self.knn is not None and state["knn"] is not None:
+            self.knn.load_state_dict(state["knn"])
 
     def forward(
         self,

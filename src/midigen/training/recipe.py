@@ -150,16 +150,17 @@ def train(
         "train": train_config.to_dict(),
         "store": str(store.root),
     }
+    memory = MemoryState(model_config, train_config.batch_size, dist.device)
     trainer = Trainer(
         model,
         train_config,
         run_dir,
         sampler,
-        SegmentLoss(MemoryState(model_config, train_config.batch_size, dist.device)),
+        SegmentLoss(memory),
         evaluate,
         dist,
         saved_configs,
-        stateful={"sampler": sampler},
+        stateful={"sampler": sampler, "memory": memory},
         progress=progress,
     )
     return trainer.fit(resume=resume), trainer

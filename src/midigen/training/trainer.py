@@ -7,6 +7,7 @@ It knows nothing about music: it draws batches from an iterator, asks `loss_fn` 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
@@ -31,6 +32,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 CHECKPOINT_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 class Stateful(Protocol):
@@ -88,8 +91,9 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
 
 
 def rank_checkpoint_path(run_dir: Path, rank: int) -> Path:
-    """Rank 0's state is inside checkpoint.pt; other ranks keep their data/RNG state beside it."""
-    return run_dir / (CHECKPOINT_FILE if rank == 0 else f"checkpoint.rank{rank}.pt")
+    """Each rank's data, memory and RNG state, beside checkpoint.pt: it can be large (a kNN memory)
+    and only resuming needs it, while generation reads checkpoint.pt alone."""
+    return run_dir / f"checkpoint.rank{rank}.pt"
 
 
 class Trainer:
@@ -145,21 +149,23 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.dist.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
-        return {"rng": rng, "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
+        return {"step": self.step, "rng": rng, "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
 
     def save_checkpoint(self) -> None:
-        state = self._rank_state()
-        if self.dist.is_main:
-            state.update(
-                format=CHECKPOINT_FORMAT,
-                configs=self.saved_configs,
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler={"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val},
-                world_size=self.dist.world_size,
-            )
+        # the rank state first: a checkpoint.pt never points to a step whose rank state is missing
         with atomic_path(rank_checkpoint_path(self.run_dir, self.dist.rank)) as tmp:
-            torch.save(state, tmp)
+            torch.save(self._rank_state(), tmp)
+        if self.dist.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "configs": self.saved_configs,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val},
+                "world_size": self.dist.world_size,
+            }
+            with atomic_path(self.run_dir / CHECKPOINT_FILE) as tmp:
+                torch.save(state, tmp)
 
     def load_checkpoint(self) -> None:
         main = load_checkpoint_file(self.run_dir / CHECKPOINT_FILE)
@@ -167,12 +173,13 @@ class Trainer:
         self.optimizer.load_state_dict(main["optimizer"])
         schedule = main["scheduler"]
         self.step, self.elapsed_s, self.best_val = schedule["step"], schedule["elapsed_s"], schedule["best_val"]
-        own = main
-        if self.dist.rank != 0:
-            path = rank_checkpoint_path(self.run_dir, self.dist.rank)
-            own = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-        if own is None or main.get("world_size", 1) != self.dist.world_size:
-            return  # another world size: weights and optimiser resume, data order starts afresh
+        path = rank_checkpoint_path(self.run_dir, self.dist.rank)
+        own = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if own is None or own.get("step") != self.step or main.get("world_size", 1) != self.dist.world_size:
+            # weights and optimiser resume; data order, memory and random numbers start afresh
+            log.warning("%s: no data state for rank %d at step %d (or another world size); the data order "
+                        "starts afresh", self.run_dir, self.dist.rank, self.step)
+            return
         torch.set_rng_state(own["rng"]["torch"])
         if "cuda" in own["rng"] and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(own["rng"]["cuda"], self.dist.device)
