@@ -40,6 +40,13 @@ def machine() -> str:
     return ", ".join(parts)
 
 
+def corpus_files(name: str) -> list[Path]:
+    """A corpus bundled with music21 as MIDI files (`midigen corpus`), exported into .bench/ on the first run only."""
+    from midigen.data.corpus import export_corpus
+
+    return export_corpus(name, CACHE / "corpus" / name, progress=False).paths
+
+
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         run()

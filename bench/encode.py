@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import symusic
-from common import CACHE, write_section
+from common import CACHE, corpus_files, write_section
 
 WORKERS = 2
 ROUNDS = 5
@@ -46,18 +46,10 @@ TRANSPOSITIONS = range(-5, 5)
 THROUGHPUT_GOALS = {"MidiTok REMI": 10.0, "music21": 300.0}
 RSS_GROWTH_GOAL = 1.5
 
-CHORALES = CACHE / "bach-chorales"
 TRANSPOSED = CACHE / "transposed"
 
 
 # ---- the files ----------------------------------------------------------------------------------
-def chorale_files() -> list[Path]:
-    """Every Bach chorale of music21's corpus as a MIDI file (`midigen corpus`), exported on the first run only."""
-    from midigen.data.corpus import export_corpus
-
-    return export_corpus("bach-chorales", CHORALES, workers=WORKERS, progress=False).paths
-
-
 def transposed_folders(chorales: Sequence[Path]) -> list[Path]:
     """One folder per transposition, each holding every chorale transposed: N files a folder."""
     folders = [TRANSPOSED / f"{shift:+d}" for shift in TRANSPOSITIONS]
@@ -227,7 +219,7 @@ def report(rates: dict[str, dict[str, float]], music21_rate: float, rss: dict[in
 
 
 def main() -> None:
-    chorales = chorale_files()
+    chorales = corpus_files("bach-chorales")
     folders = transposed_folders(chorales)
     transposed = sorted(TRANSPOSED.rglob("*.mid"))
     sizes = {name: sum(p.stat().st_size for p in paths) / 1e6 for name, paths in (("N", chorales), ("10N", transposed))}

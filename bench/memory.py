@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import CACHE, median_seconds, write_section
+from common import CACHE, corpus_files, median_seconds, write_section
 
 from midigen.codec import TokenizerConfig
 from midigen.data.batching import TokenArrays
-from midigen.data.corpus import export_corpus
 from midigen.data.encode import encode_files
 from midigen.data.store import TokenStore
 from midigen.evaluation.nll import score_songs
@@ -53,7 +52,7 @@ def long_piece_store(root: Path) -> TokenStore:
         return TokenStore(store_dir)
     files: list[Path] = []
     for name in CORPORA:
-        files += export_corpus(name, root / "corpus" / name).paths
+        files += corpus_files(name)
     survey = root / "store-survey"
     shutil.rmtree(survey, ignore_errors=True)
     encode_files(files, survey)
