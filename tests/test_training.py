@@ -128,3 +128,19 @@ def test_two_ddp_processes_keep_identical_weights(prompt_store: Path, tmp_path: 
         torch.testing.assert_close(tensor, rank1["weights"][name], atol=0, rtol=0)
     assert rank0["loss"] != rank1["loss"]  # each rank trained on its own batches
     assert load_trained(tmp_path / "run").step == 6
+
+
+def test_compiled_training_matches_eager(prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """torch.compile (with the kNN search left to run eagerly) computes the losses eager mode computes."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same dropout masks as eager
+    model = ModelConfig.preset("tiny", TokenizerConfig(), memory="knn", context=16)
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compiled-{compiled}"
+        train(prompt_store, run, model, config(max_steps=4, log_interval=1, compile=compiled), progress=False)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [row[key] for row in rows for key in ("train_loss", "val_loss") if key in row]
+    assert len(losses[True]) == 5  # four steps and a validation
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=0)

@@ -153,6 +153,7 @@ class KnnMemory:
         if self.index is not None:
             self.index.ntotal = int(self.sizes().sum()) * self.heads
 
+    @torch.compiler.disable  # host-side bookkeeping and a faiss call: torch.compile runs it as it is
     def search(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """queries (B, H, T, D), unit length → keys, values (B, H, T, K, D) and valid (B, H, T, K)."""
         B, H, T, D = queries.shape
