@@ -3,6 +3,7 @@ when generating, and every memory mode through train → resume → generate."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from midigen.codec import SeedTokenizer, TokenizerConfig
 from midigen.data.batching import SongLanes, TokenArrays
 from midigen.data.store import TokenStore
+from midigen.errors import MidigenError
 from midigen.generation.generate import MemoryDecoder, empty_prompt, generate, load_prompt
 from midigen.generation.grammar import Grammar
 from midigen.generation.sampling import SamplingConfig
@@ -185,6 +187,29 @@ def test_contiguous_lanes_switch_songs_at_different_times(prompt_store: Path) ->
     song_batches = epoch_of(TokenStore(prompt_store), "song", lanes=3, context=16)
     flags = [b["new_song"] for b in song_batches]
     assert all(f.all() or not f.any() for f in flags)  # song mode: all lanes start together
+
+
+def test_every_data_location_gives_the_same_batches(prompt_store: Path) -> None:
+    store = TokenStore(prompt_store)
+    songs = list(range(len(store)))
+    batches = {}
+    for location in ("memmap", "cpu", "auto"):
+        data = TokenArrays(store, location)
+        assert data.location in ("memmap", "cpu")  # no GPU here: auto picks the CPU memory or the disk
+        lanes = SongLanes(data, songs, 16, 3, seed=1)
+        batches[location] = [next(lanes) for _ in range(6)]
+    for batch in range(6):
+        for name, value in batches["memmap"][batch].items():
+            assert torch.equal(value, batches["cpu"][batch][name]) and torch.equal(value, batches["auto"][batch][name])
+    if not torch.cuda.is_available():
+        with pytest.raises(MidigenError, match="--data-location gpu needs training on a CUDA device"):
+            TokenArrays(store, "gpu", torch.device("cpu"))
+
+
+def test_knn_memory_says_where_it_searches(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="midigen.model.memory"):
+        KnnMemory(1, 1, 4, 8, 2, torch.device("cpu"))
+    assert "kNN memory: exact search with faiss on cpu" in caplog.text
 
 
 def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:
