@@ -18,7 +18,7 @@ from midigen.generation.generate import MemoryDecoder, empty_prompt, generate, l
 from midigen.generation.grammar import Grammar
 from midigen.generation.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
-from midigen.model.memory import KnnMemory, MemoryState
+from midigen.model.memory import KnnMemory, MemoryState, announce_search
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import load_trained, train
 
@@ -206,10 +206,12 @@ def test_every_data_location_gives_the_same_batches(prompt_store: Path) -> None:
             TokenArrays(store, "gpu", torch.device("cpu"))
 
 
-def test_knn_memory_says_where_it_searches(caplog: pytest.LogCaptureFixture) -> None:
+def test_knn_memory_says_where_it_searches_once(caplog: pytest.LogCaptureFixture) -> None:
+    announce_search.cache_clear()
     with caplog.at_level(logging.INFO, logger="midigen.model.memory"):
-        KnnMemory(1, 1, 4, 8, 2, torch.device("cpu"))
-    assert "kNN memory: exact search with faiss on cpu" in caplog.text
+        for _ in range(3):  # a new memory at every validation
+            KnnMemory(1, 1, 4, 8, 2, torch.device("cpu"))
+    assert caplog.text.count("kNN memory: exact search with faiss on cpu") == 1
 
 
 def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:

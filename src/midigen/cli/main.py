@@ -35,11 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ProgressAwareHandler(logging.Handler):
+    """Writes each note on its own line above the progress bar, not through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never take the command down)
+            self.handleError(record)
+
+
 def configure_logging() -> None:
     """midigen's own progress notes on stderr; other libraries' loggers stay quiet."""
     logger = logging.getLogger("midigen")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = ProgressAwareHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

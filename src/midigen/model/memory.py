@@ -12,6 +12,7 @@ where the memory then lives, so nothing crosses to the CPU (GPU faiss is not use
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -25,6 +26,12 @@ from midigen.model.transformer import KV, ModelOutput
 
 log = logging.getLogger(__name__)
 SEARCH_CHUNK_ELEMENTS = 2**26  # bounds the score matrix of the torch search
+
+
+@functools.cache
+def announce_search(backend: str, device: torch.device) -> None:
+    """Say once per process, not at every validation, which search the kNN memory uses."""
+    log.info("kNN memory: exact search with %s on %s", backend, device)
 
 
 class XLMemory:
@@ -78,7 +85,7 @@ class KnnMemory:
             self.quantizer = faiss.IndexFlatIP(head_dim)  # unused: queries come pre-assigned to their list
             self.index = faiss.IndexIVFFlat(self.quantizer, head_dim, lanes * heads, faiss.METRIC_INNER_PRODUCT)
             self.index.is_trained = True
-        log.info("kNN memory: exact search with %s on %s", "faiss" if backend == "faiss" else "torch", self.device)
+        announce_search(backend, self.device)
 
     def sizes(self) -> Tensor:
         return self.written.clamp(max=self.capacity)
