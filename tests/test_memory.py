@@ -3,6 +3,7 @@ when generating, and every memory mode through train → resume → generate."""
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: st
     for _ in range(3):  # lanes 0 and 1 wrap round their ring buffer
         original.write(*segment())
     restored = KnnMemory(3, 2, 8, 30, 4, torch.device("cpu"), backend)
-    restored.load_state_dict(original.state_dict())
+    saved = io.BytesIO()
+    torch.save(original.state_dict(), saved)
+    restored.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
     for _ in range(2):
         queries = torch.nn.functional.normalize(torch.randn(3, 2, 5, 8), dim=-1)
         for a, b in zip(original.search(queries), restored.search(queries)):
@@ -109,6 +112,19 @@ def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: st
         keys, values, valid = segment()
         original.write(keys, values, valid)
         restored.write(keys, values, valid)
+
+
+def test_saved_memory_holds_only_what_was_written() -> None:
+    model = tiny("knn", context=16)  # a kNN store of 4,096 entries per lane
+    memory = MemoryState(model.config, 2, torch.device("cpu"))
+    tokens, bars, beats = segment_inputs(16, B=2)
+    with torch.no_grad():
+        memory.forward(model, tokens, bars, beats, new_song=torch.ones(2, dtype=torch.bool))
+    saved = io.BytesIO()
+    torch.save(memory.state_dict(), saved)
+    written = sum(t.numel() * t.element_size() for t in memory.knn.state_dict().values())
+    window = sum(kv.keys.numel() * 2 * kv.keys.element_size() for kv in memory.xl.past())
+    assert saved.tell() < 2 * (written + window) + 20_000  # not the whole store, nor the buffers the window views
 
 
 def test_knn_clear_forgets_one_lane_only() -> None:

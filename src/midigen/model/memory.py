@@ -58,7 +58,9 @@ class XLMemory:
         self.layers = [kv.last(self.length) for kv in fresh]
 
     def state_dict(self) -> dict[str, Any]:
-        layers = None if self.layers is None else [(kv.keys, kv.values, kv.valid) for kv in self.layers]
+        # copies: the window is a view into larger tensors, whose whole storage torch.save would write
+        layers = None if self.layers is None else [(kv.keys.clone(), kv.values.clone(), kv.valid.clone())
+                                                   for kv in self.layers]
         return {"layers": layers}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
@@ -135,8 +137,9 @@ class KnnMemory:
 
     def state_dict(self) -> dict[str, Any]:
         used = int(self.sizes().max())
-        return {"written": self.written.clone(), "keys": self.keys[:, :, :used].cpu(),
-                "values": self.values[:, :, :used].cpu()}
+        # copies of the filled slots only: torch.save would write a view's whole storage
+        return {"written": self.written.clone(), "keys": self.keys[:, :, :used].clone().cpu(),
+                "values": self.values[:, :, :used].clone().cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys, values, written = state["keys"], state["values"], state["written"]
