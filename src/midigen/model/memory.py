@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
 from midigen.model.transformer import KV, ModelOutput
 
@@ -144,7 +145,7 @@ class KnnMemory:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys, values, written = state["keys"], state["values"], state["written"]
         if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3] != self.head_dim or keys.shape[2] > self.capacity:
-            raise ValueError(f"kNN memory of shape {tuple(keys.shape)} does not fit {tuple(self.keys.shape)}")
+            raise MidigenError(f"saved kNN memory of shape {tuple(keys.shape)} does not fit {tuple(self.keys.shape)}")
         self.clear(torch.ones(self.lanes, dtype=torch.bool))
         used = keys.shape[2]
         self.keys[:, :, :used] = keys.to(self.device)
