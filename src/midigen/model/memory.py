@@ -151,13 +151,9 @@ class KnnMemory:
         self.keys[:, :, :used] = keys.to(self.device)
         self.values[:, :, :used] = values.to(self.device)
         self.written = written.clone()
-        if self.index is not None:  # a ring buffer's list position is its slot, so the lists are the slots in order
+        if self.index is not None:  # the lists, emptied above, take every filled slot in order
             for lane, size in enumerate(self.sizes().tolist()):
-                ids = np.arange(size, dtype=np.int64)
-                for head in range(self.heads):
-                    codes = np.ascontiguousarray(self.keys[lane, head, :size].numpy())
-                    self.index.invlists.add_entries(lane * self.heads + head, size, faiss.swig_ptr(ids),
-                                                    faiss.swig_ptr(codes.view(np.uint8)))
+                self._write_lists(lane, np.arange(size))
         self._sync_total()
 
     def _sync_total(self) -> None:
