@@ -183,8 +183,8 @@ def search_cost() -> str:
             cells.append(f"{median_seconds(lambda: memory.search(queries), repeats=3) * 1000:.0f} ms")
         rows.append(f"| {entries:,} | " + " | ".join(cells) + " |")
     return (f"One search per step: {LANES} lanes × {config.n_heads} heads × {CONTEXT} queries, top-{config.knn_top_k}, "
-            f"exact inner product, CPU. faiss: one `search_preassigned` call over an IVF index whose lists are the "
-            f"(lane, head) stores; torch: batched matrix product + top-k (the GPU path).\n\n"
+            f"exact inner product, CPU. Both: batched matrix products for the scores; faiss: its heaps keep the top "
+            f"k (the CPU path); torch: `topk` (the GPU path).\n\n"
             "| entries per lane | faiss | torch |\n|---|---|---|\n" + "\n".join(rows))
 
 

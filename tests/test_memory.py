@@ -19,6 +19,7 @@ from midigen.generation.generate import MemoryDecoder, empty_prompt, generate, l
 from midigen.generation.grammar import Grammar
 from midigen.generation.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
+from midigen.model import memory as memory_module
 from midigen.model.memory import KnnMemory, MemoryState, announce_search
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import load_trained, train
@@ -56,7 +57,12 @@ def test_xl_segments_equal_one_forward_with_the_banded_mask() -> None:
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_knn_search_equals_brute_force_and_keeps_the_newest(backend: str) -> None:
+@pytest.mark.parametrize("slots_per_block", [None, 7])
+def test_knn_search_equals_brute_force_and_keeps_the_newest(
+    backend: str, slots_per_block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if slots_per_block is not None:  # a store searched in several blocks, whose top-k are merged
+        monkeypatch.setattr(memory_module, "SCORE_BLOCK_ELEMENTS", 3 * 2 * 7 * slots_per_block)
     torch.manual_seed(0)
     lanes, heads, dim, capacity, k = 3, 2, 8, 50, 5
     memory = KnnMemory(lanes, heads, dim, capacity, k, torch.device("cpu"), backend)
