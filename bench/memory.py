@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ def nll_by_position(run: Path, store: TokenStore) -> dict[str, float]:
     trained = load_trained(run, "cpu")
     data = TokenArrays(store, "memmap")
     songs = store.split_indices("val")
+    songs_of = {corpus: [i for i in songs if Path(store.songs[i].path).parent.name == corpus] for corpus in CORPORA}
     totals: dict[str, list[float]] = {}
     for batch, nll in score_songs(trained.model, data, songs, LANES, torch.device("cpu")):
         scored = (batch["tokens"][:, 1:] != 0).numpy()
@@ -73,6 +75,7 @@ def nll_by_position(run: Path, store: TokenStore) -> dict[str, float]:
         in_piece = batch["offset"].numpy()[:, None] + column + 1
         values = nll.numpy()
         groups = {"all": scored}
+        groups |= {corpus: scored & np.isin(batch["song"].numpy(), songs_of[corpus])[:, None] for corpus in CORPORA}
         groups |= {f"window {a}-{b}": scored & (column >= a) & (column < b) for a, b in WINDOW_BUCKETS}
         groups |= {f"piece {a}-{b if b < 10**9 else 'end'}": scored & (in_piece >= a) & (in_piece < b)
                    for a, b in PIECE_BUCKETS}
@@ -92,6 +95,7 @@ def training_minutes(run: Path) -> float:
 def quality(root: Path, steps: int) -> str:
     store = long_piece_store(root)
     lengths = [s.length for s in store.songs]
+    val_corpora = Counter(Path(store.songs[i].path).parent.name for i in store.split_indices("val"))
     results, minutes = {}, {}
     for mode in MODES:
         run = root / f"run-{mode}-{steps}"
@@ -115,12 +119,13 @@ def quality(root: Path, steps: int) -> str:
     return (
         f"{len(store)} pieces of {', '.join(CORPORA)} at least {4 * CONTEXT} tokens long "
         f"(median {int(np.median(lengths))}, longest {max(lengths)} tokens); "
-        f"{len(store.split_indices('train'))} train, {len(store.split_indices('val'))} validation. "
+        f"{len(store.split_indices('train'))} train, {len(store.split_indices('val'))} validation ("
+        + ", ".join(f"{n} {corpus}" for corpus, n in sorted(val_corpora.items())) + "). "
         f"Model: 4 layers × 128 wide, 4 heads, context {CONTEXT}, XL memory of one segment, kNN on layer 3 "
         f"(top-32, up to 65,536 entries per lane). {steps} steps of {LANES} lanes (contiguous batching, "
         f"same seed for all modes), CPU.\n\n"
-        "Validation NLL (nats per token) over every token of the validation pieces, and by position of the "
-        "predicted token inside the context window and inside the piece:\n\n" + "\n".join(rows) + "\n\n" + verdict
+        "Validation NLL (nats per token) over every token of the validation pieces, by corpus, and by position "
+        "of the predicted token inside the context window and inside the piece:\n\n" + "\n".join(rows) + "\n\n" + verdict
     )
 
 

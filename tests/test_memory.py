@@ -200,6 +200,12 @@ def test_song_lanes_cover_every_token_once(prompt_store: Path, mode: str) -> Non
     is_note = lambda t: (t >= vocab.note_offset) & (t < vocab.duration_offset)  # noqa: E731
     assert np.array_equal(np.sort(seen[~is_note(seen)]), np.sort(everything[~is_note(everything)]))
     assert is_note(seen).sum() == is_note(everything).sum()
+    for batch in batches:  # each row is the named song from the given offset
+        for lane in range(3):
+            row, song, offset = batch["tokens"][lane].numpy(), int(batch["song"][lane]), int(batch["offset"][lane])
+            expected = store.song(song).tokens[offset : offset + 33] if song >= 0 else np.zeros(0, np.int64)
+            assert np.array_equal(is_note(row[: len(expected)]), is_note(expected)) and not row[len(expected) :].any()
+            assert np.array_equal(row[: len(expected)][~is_note(expected)], expected[~is_note(expected)])
 
 
 def test_contiguous_lanes_switch_songs_at_different_times(prompt_store: Path) -> None:

@@ -2,8 +2,9 @@
 
 A batch is a dict of int64 tensors of shape (B, T+1), `tokens`, `bars`, `beats` (inputs are
 `[:, :-1]`, targets `[:, 1:]`; padding is token 0 and is never scored), plus `new_song` (B,) bool:
-the lane starts a song here, so its memory must be cleared first. Song lanes also give `offset`
-(B,): where in its song each row starts.
+the lane starts a song here, so its memory must be cleared first. Song lanes also give `song` (B,):
+each lane's song index in the store (−1 for an idle lane), and `offset` (B,): where in its song
+each row starts.
 
 - `RandomChunks`: random windows (no memory between batches).
 - `SongLanes("song")`: each lane holds one song, chunked in order; lanes wait for the longest.
@@ -218,6 +219,7 @@ class SongLanes:
         batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
         batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.store.config.vocab)
         batch["new_song"] = torch.as_tensor(new_song)
+        batch["song"] = torch.as_tensor(self.lane_song.copy())
         batch["offset"] = torch.as_tensor(self.lane_offset.copy())
         return batch
 
