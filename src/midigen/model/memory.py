@@ -151,15 +151,17 @@ class KnnMemory:
         """
         B, H, T, D = queries.shape
         queries = queries.detach().to(self.device, torch.float32).reshape(B * H, T, D)
-        sizes = self.sizes().to(self.device).view(B, 1, 1, 1)
-        used = int(self.sizes().max())  # slots past every lane's size hold nothing
+        sizes = self.sizes().tolist()
+        used = max(sizes)  # slots past every lane's size hold nothing
         block = max(1, SCORE_BLOCK_ELEMENTS // (B * H * T))
         for first in range(0, used, block):
             last = min(used, first + block)
             keys = self.keys[:, :, first:last].reshape(B * H, last - first, D)
             scores = torch.bmm(queries, keys.transpose(1, 2)).view(B, H, T, last - first)  # (B, H, T, S)
-            filled = torch.arange(first, last, device=self.device) < sizes
-            yield first, scores.masked_fill_(~filled, float("-inf")).view(B * H * T, last - first)
+            for lane, size in enumerate(sizes):  # only the unfilled tails: far less to write than a mask
+                if size < last:
+                    scores[lane, :, :, max(0, size - first) :] = float("-inf")
+            yield first, scores.view(B * H * T, last - first)
 
     @staticmethod
     def _select_faiss(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> Tensor:
