@@ -62,7 +62,7 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(
     backend: str, slots_per_block: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if slots_per_block is not None:  # a store searched in several blocks, whose top-k are merged
-        monkeypatch.setattr(memory_module, "SCORE_BLOCK_ELEMENTS", 3 * 2 * 7 * slots_per_block)
+        monkeypatch.setitem(memory_module.SCORE_BLOCK_ELEMENTS, backend, 3 * 2 * 7 * slots_per_block)
     torch.manual_seed(0)
     lanes, heads, dim, capacity, k = 3, 2, 8, 50, 5
     memory = KnnMemory(lanes, heads, dim, capacity, k, torch.device("cpu"), backend)
