@@ -80,7 +80,7 @@ class KnnMemory:
 
     def __init__(self, lanes: int, heads: int, head_dim: int, capacity: int, top_k: int, device: torch.device,
                  backend: str = "auto") -> None:
-        self.lanes, self.heads, self.head_dim = lanes, heads, head_dim
+        self.lanes, self.head_dim = lanes, head_dim
         self.capacity, self.top_k = capacity, top_k
         if backend == "auto":
             backend = "faiss" if device.type == "cpu" else "torch"
@@ -107,10 +107,12 @@ class KnnMemory:
             if positions.numel() == 0:
                 continue
             positions = positions[-self.capacity :]  # a segment longer than the store keeps its newest tokens
-            slots = (int(self.written[lane]) + torch.arange(positions.numel())) % self.capacity
-            self.keys[lane][:, slots.to(self.device)] = keys[lane][:, positions.to(self.device)]
-            self.values[lane][:, slots.to(self.device)] = values[lane][:, positions.to(self.device)]
-            self.written[lane] += positions.numel()
+            count = positions.numel()
+            slots = ((int(self.written[lane]) + torch.arange(count)) % self.capacity).to(self.device)
+            positions = positions.to(self.device)
+            self.keys[lane][:, slots] = keys[lane][:, positions]
+            self.values[lane][:, slots] = values[lane][:, positions]
+            self.written[lane] += count
 
     def state_dict(self) -> dict[str, Any]:
         used = int(self.sizes().max())
