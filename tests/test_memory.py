@@ -284,3 +284,39 @@ def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str) -> N
     found_keys, _, valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 5, 4), dim=-1))
     assert found_keys.shape == (2, 1, 5, 8, 4)
     assert valid[0].sum(-1).eq(3).all() and valid[1].sum(-1).eq(1).all()
+
+
+class FixedNeighbours:
+    """A retriever that hands back given neighbours, whatever the queries."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        self.found = keys, values, valid
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.found
+
+
+def test_retrieved_attention_is_a_gated_softmax_over_the_valid_neighbours() -> None:
+    torch.manual_seed(0)
+    attention = tiny("knn").blocks[-1].attn
+    with torch.no_grad():
+        attention.gate.copy_(torch.tensor([-1.0, 0.5]).view(2, 1, 1))
+    B, H, T, K, D = 2, 2, 5, 4, 16
+    keys, values = torch.randn(B, H, T, K, D), torch.randn(B, H, T, K, D)
+    valid = torch.rand(B, H, T, K) > 0.3
+    valid[0, :, 0] = False  # a query with no memory at all
+    valid[1, 1, 2] = torch.tensor([False, True, False, False])
+    q, local = torch.randn(B, H, T, D, requires_grad=True), torch.randn(B, H, T, D)
+    mixed = attention.mix_memory(q, local, FixedNeighbours(keys, values, valid), dropout=0.0)
+
+    scores = (q.unsqueeze(-2) * keys).sum(-1).masked_fill(~valid, float("-inf"))  # (B, H, T, K)
+    memory = (torch.softmax(scores, -1).nan_to_num(0.0).unsqueeze(-1) * values).sum(-2)
+    gate = torch.sigmoid(attention.gate) * valid.any(-1, keepdim=True)
+    expected = gate * memory + (1 - gate) * local
+    torch.testing.assert_close(mixed, expected)
+    torch.testing.assert_close(mixed[0, :, 0], local[0, :, 0])
+    torch.testing.assert_close(mixed[1, 1, 2], torch.sigmoid(torch.tensor(0.5)) * values[1, 1, 2, 1]
+                               + (1 - torch.sigmoid(torch.tensor(0.5))) * local[1, 1, 2])
+    weights = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad((mixed * weights).sum(), q)[0],
+                               torch.autograd.grad((expected * weights).sum(), q)[0])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,12 +99,15 @@ def test_time_budget_stops_training(prompt_store: Path, tmp_path: Path) -> None:
     assert load_trained(tmp_path / "timed").step == result.step
 
 
-def test_relative_position_biases_are_not_weight_decayed(prompt_store: Path, tmp_path: Path) -> None:
-    _, trainer = train(prompt_store, tmp_path / "run", MODEL, config(max_steps=1, weight_decay=0.1), progress=False)
+def test_per_head_settings_are_not_weight_decayed(prompt_store: Path, tmp_path: Path) -> None:
+    model = replace(MODEL, memory="knn")
+    _, trainer = train(prompt_store, tmp_path / "run", model, config(max_steps=1, weight_decay=0.1), progress=False)
     decay_of = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
     params = dict(trainer.model.named_parameters())
     assert [decay_of[id(p)] for name, p in params.items() if "rel_bias" in name] == [0.0] * MODEL.n_layers
-    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.1
+    knn = f"blocks.{model.knn_layer_index}.attn"
+    assert decay_of[id(params[f"{knn}.log_temperature"])] == decay_of[id(params[f"{knn}.gate"])] == 0.0
+    assert decay_of[id(params[f"{knn}.qkv.weight"])] == decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.1
 
 
 def test_learning_rate_warms_up_then_decays() -> None:

@@ -189,8 +189,10 @@ class MusicTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def no_weight_decay(self) -> list[str]:
-        """The relative-position biases: decay would pull them back to no locality at all."""
-        return [name for name, _ in self.named_parameters() if "rel_bias" in name]
+        """Per-head settings, not weights: decay would pull the relative-position biases back to no locality,
+        the kNN layer's temperature towards 1 (flat cosine attention) and its gate towards an even mix."""
+        exempt = {"rel_bias", "log_temperature", "gate"}
+        return [name for name, _ in self.named_parameters() if exempt & set(name.split("."))]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
