@@ -11,7 +11,8 @@ What the encoding loses, all of it:
 - of several notes with the same pitch and onset step (unisons between tracks included), all but
   the longest;
 - velocities, instruments and the track layout (all kept tracks become one stream, and `decode`
-  writes one track at one velocity), tempo changes (`decode` writes one tempo, the caller's),
+  writes one track at one velocity, plus a track for each further layer of same-pitch notes that
+  overlap, which one MIDI track cannot hold), tempo changes (`decode` writes one tempo, the caller's),
   controllers, pedals, pitch bends, lyrics, markers and key signatures;
 - drum tracks, unless `keep_drums` is set (then their notes become pitched notes like the others);
 - time signatures are kept in the bar grid, at step resolution; a sequence that has lost its grid
@@ -266,7 +267,8 @@ class SeedTokenizer:
         return self.to_score(sparse, tempo_qpm or cfg.tempo_qpm, program)
 
     def to_score(self, sparse: SparseScore, tempo_qpm: float, program: int = 0) -> symusic.Score:
-        """A sparse score as a one-track `symusic.Score` in ticks."""
+        """A sparse score as a `symusic.Score` in ticks: one track, plus one more for each further layer of
+        notes that start while a note of the same pitch still sounds (see `overlap_layers`)."""
         spq = self.config.steps_per_quarter
         tpq = 480 if 480 % spq == 0 else spq * 60
         ticks_per_step = tpq // spq
@@ -276,15 +278,50 @@ class SeedTokenizer:
             score.time_signatures.append(
                 symusic.TimeSignature(change.step * ticks_per_step, change.numerator, change.denominator)
             )
-        track = symusic.Track("piano" if program == 0 else f"program {program}", program=program, is_drum=False)
-        track.notes = symusic.Note.from_numpy(
-            time=(sparse.steps * ticks_per_step).astype(np.int32),
-            duration=(sparse.durations * ticks_per_step).astype(np.int32),
-            pitch=sparse.pitches.astype(np.int8),
-            velocity=np.full(len(sparse), DEFAULT_VELOCITY, dtype=np.int8),
-        )
-        score.tracks.append(track)
+        name = "piano" if program == 0 else f"program {program}"
+        layers = overlap_layers(sparse)
+        for layer in range(int(layers.max(initial=0)) + 1):
+            track = symusic.Track(name if layer == 0 else f"{name} (overlapping notes {layer})", program=program,
+                                  is_drum=False)
+            notes = layers == layer
+            track.notes = symusic.Note.from_numpy(
+                time=(sparse.steps[notes] * ticks_per_step).astype(np.int32),
+                duration=(sparse.durations[notes] * ticks_per_step).astype(np.int32),
+                pitch=sparse.pitches[notes].astype(np.int8),
+                velocity=np.full(int(notes.sum()), DEFAULT_VELOCITY, dtype=np.int8),
+            )
+            score.tracks.append(track)
         return score
+
+
+def overlap_layers(sparse: SparseScore) -> np.ndarray:
+    """For each note, the lowest layer in which no earlier note of its pitch still sounds (N,); 0 for most.
+
+    One MIDI track cannot hold two sounding notes of one pitch: a reader pairs each note-off with one
+    of them, so both come back with the wrong length. Each layer becomes a track of its own.
+    """
+    order = np.lexsort((sparse.steps, sparse.pitches))  # by pitch, then onset
+    steps, pitches = sparse.steps[order], sparse.pitches[order]
+    ends = steps + sparse.durations[order]
+    # the latest end of the earlier notes of the same pitch: a running maximum, kept apart per pitch by an offset
+    offset = pitches * (int(ends.max(initial=0)) + 1)
+    latest_end = np.maximum.accumulate(ends + offset) - offset
+    overlaps = np.zeros(order.size, dtype=bool)
+    overlaps[1:] = (pitches[1:] == pitches[:-1]) & (steps[1:] < latest_end[:-1])
+    layers = np.zeros(order.size, dtype=np.int64)
+    for pitch in np.unique(pitches[overlaps]).tolist():  # rare: lay out only the pitches that need it
+        layer_ends: list[int] = []
+        for index in np.flatnonzero(pitches == pitch).tolist():
+            free = [layer for layer, end in enumerate(layer_ends) if end <= steps[index]]
+            if free:
+                layers[index] = free[0]
+                layer_ends[free[0]] = int(ends[index])
+            else:
+                layers[index] = len(layer_ends)
+                layer_ends.append(int(ends[index]))
+    result = np.empty_like(layers)
+    result[order] = layers
+    return result
 
 
 def merge_same_onsets(
