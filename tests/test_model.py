@@ -11,7 +11,7 @@ import torch
 from midigen.codec import TokenizerConfig
 from midigen.generation.generate import SlidingWindowDecoder
 from midigen.model import KV, ModelConfig, MusicTransformer
-from midigen.model.transformer import bucket_distances, relative_buckets
+from midigen.model.transformer import bucket_distances, relative_buckets, toeplitz
 from midigen.training.config import TrainConfig
 
 
@@ -96,6 +96,25 @@ def test_relative_buckets_are_exact_then_logarithmic() -> None:
     assert relative_buckets(torch.tensor([-5]), 32, 512).item() == 0
 
 
+@pytest.mark.parametrize("queries, past", [(16, 0), (16, 16), (1, 40), (5, 3)])
+def test_bias_by_diagonals_equals_a_lookup_per_query_and_key(queries: int, past: int) -> None:
+    """The model's bias, looked up per diagonal and skewed, is the bias of each (query, key) distance,
+    with the same gradient."""
+    model = MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig()))
+    table = model.blocks[0].attn.rel_bias
+    kv = KV(torch.zeros(1, 2, past, 16), torch.zeros(1, 2, past, 16), torch.ones(1, past, dtype=torch.bool))
+    buckets, allowed = model.attention_layout(queries, kv if past else None, torch.device("cpu"))
+    distance = torch.arange(past, past + queries).unsqueeze(1) - torch.arange(past + queries)  # (T, S)
+    expected = table(relative_buckets(distance, model.config.rel_pos_buckets, model.config.rel_pos_max_distance))
+    expected = expected.permute(2, 0, 1)  # (H, T, S)
+    skewed = toeplitz(table(buckets).t(), queries, past + queries)
+    torch.testing.assert_close(skewed, expected, rtol=0, atol=0)
+    assert torch.equal(allowed.view(queries, -1), distance >= 0)
+    weights = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad((skewed * weights).sum(), table.weight)[0],
+                               torch.autograd.grad((expected * weights).sum(), table.weight)[0])
+
+
 def test_relative_bias_starts_local_with_a_different_reach_per_head() -> None:
     """ALiBi-style start: every head penalises distance from the first step, the first head most."""
     model = tiny()
@@ -111,9 +130,10 @@ def test_relative_bias_starts_local_with_a_different_reach_per_head() -> None:
 def test_memory_keys_are_further_away_than_the_segment() -> None:
     model = tiny()
     past = KV(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), torch.tensor([[False, False, True, True, True]]))
-    buckets, allowed = model.attention_layout(3, past, torch.device("cpu"))
+    diagonals, allowed = model.attention_layout(3, past, torch.device("cpu"))
+    buckets = toeplitz(diagonals, 3, 8)  # (queries, keys)
     # query 0 sits at absolute index 5: distance 5 to key 0, 0 to itself
-    assert buckets.shape == (3, 8) and buckets[0, 0] == 5 and buckets[0, 5] == 0
+    assert diagonals.shape == (10,) and buckets[0, 0] == 5 and buckets[0, 5] == 0 and buckets[2, 0] == 7
     assert not allowed[0, 0, 0, :2].any()  # empty memory is masked out
     assert allowed[0, 0, 0, 2:6].all() and not allowed[0, 0, 0, 6:].any()  # causal inside the segment
 

@@ -73,6 +73,19 @@ def bucket_distances(num_buckets: int, max_distance: int) -> Tensor:
     return torch.where(index < exact, index, logarithmic.ceil()).float()
 
 
+def toeplitz(diagonals: Tensor, rows: int, cols: int) -> Tensor:
+    """(..., rows + cols − 1) → (..., rows, cols), out[..., t, s] = diagonals[..., rows − 1 − t + s].
+
+    Views and one padded copy (the skewing of Music Transformer, Huang et al. 2018): its backward sums
+    each diagonal's gradients, where an embedding lookup of every (t, s) would scatter rows·cols of them.
+    """
+    length = diagonals.shape[-1]
+    lead = diagonals.shape[:-1]
+    repeated = F.pad(diagonals.unsqueeze(-2).expand(*lead, rows, length), (0, 1))  # (..., rows, length + 1)
+    skewed = repeated.flatten(-2)[..., : rows * length].view(*lead, rows, length)  # row t shifted right by t
+    return skewed[..., rows - 1 : rows - 1 + cols]
+
+
 def alibi_slopes(n_heads: int) -> Tensor:
     """ALiBi's geometric head slopes 2^(-8h/H), h = 1..H (Press et al. 2022)."""
     return 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
@@ -96,6 +109,7 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, buckets: Tensor, allowed: Tensor, past: KV | None, knn: Retriever | None
     ) -> tuple[Tensor, KV]:
+        """`buckets` (T + S − 1,): the relative-position bucket of each diagonal of the (T, S) scores."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         scale = None
@@ -107,7 +121,7 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past.keys, k], dim=2)  # (B, H, P+T, D)
             v = torch.cat([past.values, v], dim=2)
-        bias = self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
+        bias = toeplitz(self.rel_bias(buckets).t(), T, k.shape[2]).unsqueeze(0)  # (1, H, T, S)
         mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, T, S); bf16 under autocast
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, H, T, D)
@@ -224,17 +238,17 @@ class MusicTransformer(nn.Module):
         return ModelOutput(logits, loss, present)
 
     def attention_layout(self, T: int, past: KV | None, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Relative-position buckets (T, P+T) and the allowed-attention mask (B or 1, 1, T, P+T).
+        """Relative-position buckets of the diagonals of the (T, P+T) scores (2T + P − 1,), see `toeplitz`,
+        and the allowed-attention mask (B or 1, 1, T, P+T).
 
         Query i sits at absolute index P+i; key j at j (memory or cache) and P+j (this segment), so
         the distance to a memory key is P + i − j: memory keys are further away than every key of
-        the segment, and the bias sees that.
+        the segment, and the bias sees that. Diagonal d holds the distance P + T − 1 − d.
         """
         P = past.length if past is not None else 0
-        query_pos = torch.arange(P, P + T, device=device).unsqueeze(1)  # (T, 1)
-        key_pos = torch.arange(P + T, device=device).unsqueeze(0)  # (1, P+T)
-        distance = query_pos - key_pos  # (T, P+T)
-        buckets = relative_buckets(distance, self.config.rel_pos_buckets, self.config.rel_pos_max_distance)
+        diagonal_distance = torch.arange(P + T - 1, -T, -1, device=device)  # (2T + P − 1,)
+        buckets = relative_buckets(diagonal_distance, self.config.rel_pos_buckets, self.config.rel_pos_max_distance)
+        distance = torch.arange(P, P + T, device=device).unsqueeze(1) - torch.arange(P + T, device=device)  # (T, P+T)
         allowed = (distance >= 0).view(1, 1, T, P + T)
         if past is not None and not bool(past.valid.all()):
             # empty memory is masked, never attended as zeros; when none is empty the mask stays
