@@ -297,19 +297,21 @@ class FixedNeighbours:
 
 
 def test_retrieved_attention_is_a_gated_softmax_over_the_valid_neighbours() -> None:
+    """Keys come back from the store at unit length; queries are normalised and sharpened by the temperature."""
     torch.manual_seed(0)
     attention = tiny("knn").blocks[-1].attn
     with torch.no_grad():
         attention.gate.copy_(torch.tensor([-1.0, 0.5]).view(2, 1, 1))
     B, H, T, K, D = 2, 2, 5, 4, 16
-    keys, values = torch.randn(B, H, T, K, D), torch.randn(B, H, T, K, D)
+    keys, values = torch.nn.functional.normalize(torch.randn(B, H, T, K, D), dim=-1), torch.randn(B, H, T, K, D)
     valid = torch.rand(B, H, T, K) > 0.3
     valid[0, :, 0] = False  # a query with no memory at all
     valid[1, 1, 2] = torch.tensor([False, True, False, False])
     q, local = torch.randn(B, H, T, D, requires_grad=True), torch.randn(B, H, T, D)
     mixed = attention.mix_memory(q, local, FixedNeighbours(keys, values, valid), dropout=0.0)
 
-    scores = (q.unsqueeze(-2) * keys).sum(-1).masked_fill(~valid, float("-inf"))  # (B, H, T, K)
+    unit_q = torch.nn.functional.normalize(q, dim=-1) * attention.log_temperature.exp()
+    scores = (unit_q.unsqueeze(-2) * keys).sum(-1).masked_fill(~valid, float("-inf"))  # (B, H, T, K): cosine × temperature
     memory = (torch.softmax(scores, -1).nan_to_num(0.0).unsqueeze(-1) * values).sum(-2)
     gate = torch.sigmoid(attention.gate) * valid.any(-1, keepdim=True)
     expected = gate * memory + (1 - gate) * local

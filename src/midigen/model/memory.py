@@ -98,8 +98,8 @@ class KnnMemory:
         self.written[lanes.cpu()] = 0
 
     def write(self, keys: Tensor, values: Tensor, valid: Tensor) -> None:
-        """Append each lane's valid tokens: keys/values (B, H, T, D), valid (B, T)."""
-        keys = keys.detach().to(self.device, torch.float32)
+        """Append each lane's valid tokens: keys/values (B, H, T, D), valid (B, T). Keys are stored at unit length."""
+        keys = torch.nn.functional.normalize(keys.detach().to(self.device, torch.float32), dim=-1)
         values = values.detach().to(self.device, torch.float32)
         valid = valid.cpu()
         for lane in range(self.lanes):

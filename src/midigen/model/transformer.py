@@ -101,7 +101,8 @@ class Attention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.with_knn = with_knn
         if with_knn:
-            # cosine-similarity attention, so kNN search (inner product of unit vectors) ranks keys as attention does
+            # retrieval is by cosine similarity (inner product of unit vectors), and so is attention to what it finds,
+            # sharpened by a learned temperature; attention within the window is as in every other layer
             self.log_temperature = nn.Parameter(torch.full((config.n_heads, 1, 1), math.log(10.0)))
             # sigmoid(gate) weighs memory against local attention per head (Memorizing Transformers)
             self.gate = nn.Parameter(torch.zeros(config.n_heads, 1, 1))
@@ -112,11 +113,6 @@ class Attention(nn.Module):
         """`buckets` (T + S − 1,): the relative-position bucket of each diagonal of the (T, S) scores."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-        scale = None
-        if self.with_knn:
-            q = F.normalize(q, dim=-1) * self.log_temperature.exp()
-            k = F.normalize(k, dim=-1)
-            scale = 1.0
         present = KV(k, v, torch.ones(B, T, dtype=torch.bool, device=x.device))
         if past is not None:
             k = torch.cat([past.keys, k], dim=2)  # (B, H, P+T, D)
@@ -124,7 +120,7 @@ class Attention(nn.Module):
         bias = toeplitz(self.rel_bias(buckets).t(), T, k.shape[2]).unsqueeze(0)  # (1, H, T, S)
         mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, T, S); bf16 under autocast
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
         if knn is not None:
             y = self.mix_memory(q, y, knn, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -134,7 +130,8 @@ class Attention(nn.Module):
         """Attend over the retrieved neighbours, then gate: g·memory + (1 − g)·local."""
         unit_q = F.normalize(q, dim=-1)
         keys, values, valid = knn.search(unit_q.detach())  # (B, H, T, K, D) ×2, (B, H, T, K)
-        scores = torch.einsum("bhtd,bhtkd->bhtk", q, keys).masked_fill(~valid, float("-inf"))
+        scores = torch.einsum("bhtd,bhtkd->bhtk", unit_q * self.log_temperature.exp(), keys)
+        scores = scores.masked_fill(~valid, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no memory yet gets zeros
         weights = F.dropout(weights, dropout, self.training)
         memory = torch.einsum("bhtk,bhtkd->bhtd", weights, values)
