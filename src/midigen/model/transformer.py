@@ -99,7 +99,6 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.rel_bias = nn.Embedding(config.rel_pos_buckets, config.n_heads)  # initialised by the model
         self.attn_dropout = config.attn_dropout
-        self.with_knn = with_knn
         if with_knn:
             # retrieval is by cosine similarity (inner product of unit vectors), and so is attention to what it finds,
             # sharpened by a learned temperature; attention within the window is as in every other layer
