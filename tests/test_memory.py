@@ -178,7 +178,8 @@ def test_memory_decoder_computes_what_training_computes(prompt_files: list[Path]
     got = [first] + [decoder(sequence.tokens[t : t + 1], sequence.bars[t : t + 1], sequence.beats[t : t + 1])
                      for t in range(21, 80)]
     torch.testing.assert_close(torch.stack(got), expected[20:], atol=1e-4, rtol=0)
-    assert int(decoder.memory.knn.written[0]) == 80  # all five finished segments are in the kNN memory
+    # of the five finished segments, the newest is in the XL window and the four before it in the kNN memory
+    assert int(decoder.memory.knn.written[0]) == 64
 
 
 def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -322,3 +323,16 @@ def test_retrieved_attention_is_a_gated_softmax_over_the_valid_neighbours() -> N
     weights = torch.randn_like(expected)
     torch.testing.assert_close(torch.autograd.grad((mixed * weights).sum(), q)[0],
                                torch.autograd.grad((expected * weights).sum(), q)[0])
+
+
+def test_knn_memory_takes_the_tokens_that_leave_the_xl_window() -> None:
+    model = tiny("knn", context=16)
+    tokens, bars, beats = segment_inputs(48, B=2)
+    memory = MemoryState(model.config, 2, torch.device("cpu"))
+    layer = model.config.knn_layer_index
+    with torch.no_grad():
+        outputs = [memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16])
+                   for s in (0, 16, 32)]
+    assert memory.knn is not None and memory.knn.written.tolist() == [32, 32]  # the newest segment is in XL only
+    left = torch.cat([outputs[0].present[layer].keys, outputs[1].present[layer].keys], dim=2)  # (B, H, 32, D)
+    torch.testing.assert_close(memory.knn.keys[:, :, :32], torch.nn.functional.normalize(left, dim=-1))

@@ -1,7 +1,9 @@
 """Long-term memory: the Transformer-XL cache and the kNN memory (Memorizing Transformers).
 
 Both are kept per batch lane and cleared when that lane's song ends, so songs never leak into
-each other. `MemoryState.forward` runs one segment with memory and then writes the segment into it.
+each other. `MemoryState.forward` runs one segment with memory and then writes the segment into it;
+the kNN memory receives tokens as they leave the XL window, so it holds only what local attention
+can no longer see.
 
 kNN search is exact inner product on unit vectors, for all lanes and heads at once. Each
 (lane, head) store is a ring buffer of `capacity` entries (first in, first out). Search works as
@@ -56,6 +58,13 @@ class XLMemory:
         if self.layers is not None and bool(lanes.any()):
             for kv in self.layers:
                 kv.valid[lanes] = False
+
+    def leaving(self, layer: int, present: KV, valid: Tensor) -> KV | None:
+        """The tokens of `layer` that pushing a segment with these keys/values moves out of the window."""
+        arriving = KV(present.keys.detach(), present.values.detach(), valid)
+        tokens = arriving if self.layers is None else self.layers[layer].then(arriving)
+        count = tokens.length - self.length
+        return tokens.first(count) if count > 0 else None
 
     def push(self, present: list[KV], valid: Tensor) -> None:
         """Append a segment's keys/values (valid (B, T): False for padding) and keep the newest `length`."""
@@ -242,9 +251,15 @@ class MemoryState:
         return output
 
     def remember(self, present: list[KV], valid: Tensor) -> None:
-        """Write a finished segment (valid (B, T): False for padding) into the memories."""
+        """Write a finished segment (valid (B, T): False for padding) into the memories.
+
+        The kNN memory takes the tokens that leave the XL window: until then local attention sees them,
+        with their positions, and retrieving them too would only repeat it.
+        """
+        if self.knn is not None and self.xl is not None:
+            layer = self.config.knn_layer_index
+            leaving = self.xl.leaving(layer, present[layer], valid)  # type: ignore[arg-type, index]
+            if leaving is not None:
+                self.knn.write(leaving.keys, leaving.values, leaving.valid)
         if self.xl is not None:
             self.xl.push(present, valid)
-        if self.knn is not None:
-            layer = present[self.config.knn_layer_index]  # type: ignore[index]
-            self.knn.write(layer.keys, layer.values, valid)

@@ -47,6 +47,10 @@ class KV:
         """The newest `count` tokens."""
         return KV(self.keys[:, :, -count:], self.values[:, :, -count:], self.valid[:, -count:])
 
+    def first(self, count: int) -> KV:
+        """The oldest `count` tokens."""
+        return KV(self.keys[:, :, :count], self.values[:, :, :count], self.valid[:, :count])
+
 
 class Retriever(Protocol):
     """A kNN memory: for each query, the top-k stored keys/values of the same lane and head."""
