@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from common import ROOT, corpus_files, write_section
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import SeedTokenizer
 from midigen.codec.midi_io import read_notes
-from midigen.codec.timing import ticks_to_steps
 
 CORPORA = ("bach-chorales", "palestrina", "beethoven-quartets")
 PROMPTS = ROOT / "tests" / "data" / "prompts"
@@ -27,20 +25,18 @@ GOAL = 0.99
 Note = tuple[int, int, int]  # (onset step, pitch, duration in steps)
 
 
-def grid_notes(source: str | Path | bytes, config: TokenizerConfig) -> list[Note]:
+def grid_notes(source: str | Path | bytes, tokenizer: SeedTokenizer) -> list[Note]:
     """Every note of a MIDI file or MIDI bytes on the grid, as the encoding quantises it (duplicates kept)."""
-    notes = read_notes(source, config.keep_drums)
-    onsets = ticks_to_steps(notes.onsets, config.steps_per_quarter, notes.ticks_per_quarter)
-    ends = ticks_to_steps(notes.onsets + notes.durations, config.steps_per_quarter, notes.ticks_per_quarter)
-    durations = np.clip(ends - onsets, 1, config.max_duration)
+    notes = read_notes(source, tokenizer.config.keep_drums)
+    onsets, durations, _ = tokenizer.quantise(notes)
     return list(zip(onsets.tolist(), notes.pitches.tolist(), durations.tolist()))
 
 
 def compare(path: Path, tokenizer: SeedTokenizer) -> Counter[str]:
     """Counts of this file's notes: all, back identical, dropped by the merge, lost otherwise."""
-    expected = grid_notes(path, tokenizer.config)
+    expected = grid_notes(path, tokenizer)
     written = tokenizer.decode(tokenizer.encode(path)).dumps_midi()
-    back = set(grid_notes(written, tokenizer.config))
+    back = set(grid_notes(written, tokenizer))
     longest: dict[tuple[int, int], int] = {}
     for step, pitch, duration in expected:
         longest[step, pitch] = max(duration, longest.get((step, pitch), 0))

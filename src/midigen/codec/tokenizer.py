@@ -142,6 +142,13 @@ class SeedTokenizer:
     def sparse_score(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> SparseScore:
         """Quantise notes to the grid, sort them (step, then highest pitch first) and merge same-onset repeats."""
         notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
+        onsets, durations, clamped = self.quantise(notes)
+        steps, pitches, durations, merged = merge_same_onsets(onsets, notes.pitches, durations)
+        return SparseScore(steps, pitches, durations, self.grid_of(notes), merged_notes=merged, clamped_notes=clamped)
+
+    def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
+        """Each note's onset step and duration in steps (1..max_duration), in input order, and how many
+        notes were shortened to max_duration."""
         cfg = self.config
         spq, tpq = cfg.steps_per_quarter, notes.ticks_per_quarter
         onsets = ticks_to_steps(notes.onsets, spq, tpq)
@@ -149,9 +156,7 @@ class SeedTokenizer:
             raise BadMidiError(notes.path, f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
         lengths = ticks_to_steps(notes.onsets + notes.durations, spq, tpq) - onsets
         clamped = int(np.count_nonzero(lengths > cfg.max_duration))
-        durations = np.minimum(np.maximum(lengths, 1), cfg.max_duration)
-        steps, pitches, durations, merged = merge_same_onsets(onsets, notes.pitches, durations)
-        return SparseScore(steps, pitches, durations, self.grid_of(notes), merged_notes=merged, clamped_notes=clamped)
+        return onsets, np.minimum(np.maximum(lengths, 1), cfg.max_duration), clamped
 
     def grid_of(self, notes: MidiNotes) -> BarGrid:
         """The bar grid of a piece's time-signature map, in steps."""
