@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -130,14 +131,17 @@ def fail_on(name: str, failure: str) -> Callable[[str, SeedTokenizer], EncodeRes
 
 
 @pytest.mark.parametrize(("failure", "reason"), [("crash", "parser crashed: SIGSEGV"), ("hang", "timed out: no result after 1 s")])
+@pytest.mark.parametrize("victim_index", [5, -1])  # -1: the other worker has run out of work and exited
 def test_crashed_or_hung_parser_skips_only_its_file(
-    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch, failure: str, reason: str
+    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch, failure: str, reason: str,
+    victim_index: int,
 ) -> None:
     # the forked workers inherit the stand-in
-    victim = prompt_files[5]
+    victim = prompt_files[victim_index]
     monkeypatch.setattr(sandbox, "encode_one", fail_on(victim.name, failure))
     summary = encode_files(prompt_files, tmp_path / "store", workers=2, timeout_s=1, progress=False)
     assert summary.skipped_now == [(str(victim), reason)]
+    assert multiprocessing.active_children() == []  # every worker, the failed one included, has been reaped
     monkeypatch.undo()
     reference = encode_files([p for p in prompt_files if p != victim], tmp_path / "reference", workers=1, progress=False)
     assert songs_of(tmp_path / "store") == songs_of(reference.store)

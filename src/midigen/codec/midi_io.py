@@ -95,19 +95,15 @@ def extract_notes(score: symusic.Score, keep_drums: bool, path: str | Path | Non
     if len(merged) == 0:
         raise BadMidiError(path, "only drum notes (drums are dropped)" if drum_notes else "no notes")
     columns = merged.numpy()
-    signatures = score.time_signatures.numpy()
-    tempos = score.tempos.numpy()
     return MidiNotes(
         ticks_per_quarter=int(score.ticks_per_quarter),
         onsets=columns["time"].astype(np.int64),
         durations=columns["duration"].astype(np.int64),
         pitches=columns["pitch"].astype(np.int64) & 0x7F,
-        time_signatures=[
-            (t, n, d)
-            for t, n, d in zip(*(signatures[key].tolist() for key in ("time", "numerator", "denominator")))
-            if n > 0 and d > 0
-        ],
-        tempos=[(t, 60_000_000.0 / m) for t, m in zip(tempos["time"].tolist(), tempos["mspq"].tolist()) if m > 0],
+        # files hold few of these: a loop over them beats a conversion to numpy arrays
+        time_signatures=[(s.time, s.numerator, s.denominator) for s in score.time_signatures
+                         if s.numerator > 0 and s.denominator > 0],
+        tempos=[(t.time, 60_000_000.0 / t.mspq) for t in score.tempos if t.mspq > 0],
         path=None if path is None else str(path),
     )
 

@@ -125,43 +125,65 @@ def encode_in_workers(
     window = 4 * MAX_CHUNK * workers  # how far results may run ahead of the oldest one not yet yielded
     finished: dict[int, EncodeResult] = {}
     next_out = 0
-    pool: list[_Worker] = []
+    # A slot gets a worker when there is a chunk for it (so the first one encodes while the next is
+    # forked) and gives it up when no work is left (so workers exit while the last results come in).
+    pool: list[_Worker | None] = [None] * min(workers, len(paths))
+    retired: list[_Worker] = []
     try:
-        pool = [_Worker(context, config) for _ in range(min(workers, len(paths)))]
         ready: set[Any] = set()
         while True:
             now = time.monotonic()
             for slot, worker in enumerate(pool):
-                if worker.chunk is None or worker.collect(ready, finished):
+                if worker is None or worker.chunk is None or worker.collect(ready, finished):
                     continue
                 failure = worker.failure(ready, now, timeout_s)
                 if failure is not None:
                     position, reason = failure
-                    assert worker.chunk is not None
                     finished[worker.chunk[position]] = Skip(reason)
                     # the rest of the chunk goes out again (the results of the files before died with the worker)
                     queue.give_back(worker.chunk[:position] + worker.chunk[position + 1 :])
-                    pool[slot] = worker.replaced()
+                    worker.stop(kill=True)
+                    worker.reap()
+                    pool[slot] = None
             # hand out work before passing results on, so that no worker waits while they are written
             for slot, worker in enumerate(pool):
-                if worker.chunk is None and (chunk := queue.take(below=next_out + window)):
-                    if not worker.assign(chunk, paths):  # it had died while idle
-                        pool[slot] = worker.replaced()
-                        if not pool[slot].assign(chunk, paths):
-                            raise MidigenError("cannot start a worker process")
+                if worker is not None and worker.chunk is not None:
+                    continue
+                if chunk := queue.take(below=next_out + window):
+                    pool[slot] = _assigned(worker, chunk, paths, context, config)
+                elif worker is not None and queue.empty:
+                    worker.stop()
+                    retired.append(worker)
+                    pool[slot] = None
             while next_out in finished:
                 yield next_out, finished.pop(next_out)
                 next_out += 1
             if next_out == len(paths):
                 return
-            busy = [w for w in pool if w.chunk is not None]
+            busy = [w for w in pool if w is not None and w.chunk is not None]
             assert busy, "every unfinished file is queued or in a worker's chunk"
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_S))
     finally:
         for worker in pool:
-            worker.stop(kill=worker.chunk is not None)
-        for worker in pool:  # all told to stop first, so that they exit together
+            if worker is not None:
+                worker.stop(kill=worker.chunk is not None)
+                retired.append(worker)
+        for worker in retired:  # all told to stop first, so that they exit together
             worker.reap()
+
+
+def _assigned(worker: _Worker | None, chunk: list[int], paths: Sequence[str], context: Any,
+              config: TokenizerConfig) -> _Worker:
+    """A worker encoding `chunk`: `worker` if it is alive, else a fresh one."""
+    if worker is not None:
+        if worker.assign(chunk, paths):
+            return worker
+        worker.stop(kill=True)  # it had died while idle
+        worker.reap()
+    worker = _Worker(context, config)
+    if not worker.assign(chunk, paths):
+        raise MidigenError("cannot start a worker process")
+    return worker
 
 
 class _ChunkQueue:
@@ -180,6 +202,11 @@ class _ChunkQueue:
         chunk = list(range(self.next, end))
         self.next = max(self.next, end)
         return chunk
+
+    @property
+    def empty(self) -> bool:
+        """No file is left to hand out (a worker's crash may still give some back)."""
+        return self.next == self.total and not self.returned
 
     def give_back(self, chunk: list[int]) -> None:
         if chunk:
@@ -216,7 +243,6 @@ def _die_with(parent: int) -> None:
 
 class _Worker:
     def __init__(self, context: Any, config: TokenizerConfig) -> None:
-        self.context, self.config = context, config
         self.conn, child = context.Pipe()
         self.progress = context.RawArray("d", 2)  # (position in chunk, monotonic start time of that file)
         self.process = context.Process(target=_serve, args=(child, config, self.progress, os.getpid()), daemon=True)
@@ -233,12 +259,6 @@ class _Worker:
             return False
         self.chunk = chunk
         return True
-
-    def replaced(self) -> _Worker:
-        """Kill this worker and start a fresh one."""
-        self.stop(kill=True)
-        self.reap()
-        return _Worker(self.context, self.config)
 
     def collect(self, ready: set[Any], finished: dict[int, EncodeResult]) -> bool:
         """Take the chunk's results if they have arrived; False if not (yet, or ever)."""

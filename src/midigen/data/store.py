@@ -37,6 +37,8 @@ from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
 ARRAY_DTYPES = PACKED_DTYPES
+ITEM_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in ARRAY_DTYPES.items()}
+WRITE_BUFFER_BYTES = 2**20  # a song's arrays are a few KB each: a large buffer turns them into few system calls
 CONFIG_FILE = "tokenizer.json"
 SONGS_FILE = "songs.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
@@ -156,8 +158,8 @@ class StoreWriter:
         self.songs_file = self._open_cut(SONGS_FILE, songs_length)
         self.skipped_file = self._open_cut(SKIPPED_FILE, skipped_length)
         self.files = {
-            name: self._open_cut(f"{name}.bin", self.num_tokens * np.dtype(dtype).itemsize)
-            for name, dtype in ARRAY_DTYPES.items()
+            name: self._open_cut(f"{name}.bin", self.num_tokens * item_bytes, WRITE_BUFFER_BYTES)
+            for name, item_bytes in ITEM_BYTES.items()
         }
         self.pending_rows: list[str] = []  # index rows of songs whose tokens are not yet flushed
 
@@ -174,9 +176,9 @@ class StoreWriter:
             raise
         return handle
 
-    def _open_cut(self, name: str, length: int) -> IO[bytes]:
+    def _open_cut(self, name: str, length: int, buffer_bytes: int = -1) -> IO[bytes]:
         """Open a file for appending after its first `length` bytes, cutting off anything past them."""
-        handle = open(self.root / name, "ab")
+        handle = open(self.root / name, "ab", buffering=buffer_bytes)
         size = handle.seek(0, 2)
         if size < length:
             handle.close()
@@ -193,9 +195,9 @@ class StoreWriter:
         (self.root / REPORT_FILE).unlink(missing_ok=True)
 
     def add_song(self, path: str, split: str, song: EncodedSong) -> SongEntry:
-        packed, offset = memoryview(song.packed), 0
+        packed, offset, length = memoryview(song.packed), 0, song.length
         for name, handle in self.files.items():  # the packed buffer holds the arrays one after the other
-            size = song.length * np.dtype(ARRAY_DTYPES[name]).itemsize
+            size = length * ITEM_BYTES[name]
             handle.write(packed[offset : offset + size])
             offset += size
         entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split)
