@@ -37,6 +37,7 @@ CORPORA = ("beethoven-quartets", "palestrina")
 CONTEXT = 128
 LANES = 8
 MODES = ("none", "xl", "knn")
+RETRIEVAL_OFF = "knn, retrieval off"  # the knn model scored without what its search finds
 WINDOW_BUCKETS = ((0, 16), (16, 64), (64, CONTEXT))
 PIECE_BUCKETS = ((0, 4 * CONTEXT), (4 * CONTEXT, 16 * CONTEXT), (16 * CONTEXT, 10**9))
 
@@ -64,8 +65,10 @@ def long_piece_store(root: Path) -> TokenStore:
     return TokenStore(store_dir)
 
 
-def nll_by_position(run: Path, store: TokenStore) -> dict[str, float]:
+def nll_by_position(run: Path, store: TokenStore, retrieval: bool = True) -> dict[str, float]:
     trained = load_trained(run, "cpu")
+    if not retrieval:  # the kNN model's own network: its gate shut, the kNN layer attends only locally
+        trained.model.blocks[trained.model_config.knn_layer_index].attn.gate.data.fill_(-1e4)
     data = TokenArrays(store, "memmap")
     songs = store.split_indices("val")
     songs_of = {corpus: [i for i in songs if Path(store.songs[i].path).parent.name == corpus] for corpus in CORPORA}
@@ -107,12 +110,13 @@ def quality(root: Path, steps: int) -> str:
             train(store.root, run, model_config(mode), config)
         minutes[mode] = training_minutes(run)
         results[mode] = nll_by_position(run, store)
+    results[RETRIEVAL_OFF] = nll_by_position(root / f"run-knn-{steps}", store, retrieval=False)
     names = list(results["none"])
     header = "| mode | " + " | ".join(names) + " | training minutes |"
     rows = [header, "|---" * (len(names) + 2) + "|"]
-    for mode in MODES:
-        rows.append(f"| {mode} | " + " | ".join(f"{results[mode][n]:.4f}" for n in names)
-                    + f" | {minutes[mode]:.1f} |")
+    for mode in results:
+        trained = f"{minutes[mode]:.1f}" if mode in minutes else "(the knn run)"
+        rows.append(f"| {mode} | " + " | ".join(f"{results[mode][n]:.4f}" for n in names) + f" | {trained} |")
     none, xl, knn = (results[m]["all"] for m in MODES)
     verdict = (f"Ordered knn ≤ xl < none: **{'yes' if knn <= xl < none else 'no'}**; "
                f"NLL change against none: xl **{100 * (xl - none) / none:+.1f}%**, "
@@ -126,7 +130,9 @@ def quality(root: Path, steps: int) -> str:
         f"(top-32, up to 65,536 entries per lane). {steps} steps of {LANES} lanes (contiguous batching, "
         f"same seed for all modes), CPU.\n\n"
         "Validation NLL (nats per token) over every token of the validation pieces, by corpus, and by position "
-        "of the predicted token inside the context window and inside the piece:\n\n" + "\n".join(rows) + "\n\n" + verdict
+        "of the predicted token inside the context window and inside the piece. The last row scores the knn model "
+        "with its gate shut, so that its kNN layer attends only locally: its own network without what the search "
+        "finds.\n\n" + "\n".join(rows) + "\n\n" + verdict
     )
 
 
