@@ -115,8 +115,8 @@ def quality(root: Path, steps: int) -> str:
     header = "| mode | " + " | ".join(names) + " | training minutes |"
     rows = [header, "|---" * (len(names) + 2) + "|"]
     for mode in results:
-        trained = f"{minutes[mode]:.1f}" if mode in minutes else "(the knn run)"
-        rows.append(f"| {mode} | " + " | ".join(f"{results[mode][n]:.4f}" for n in names) + f" | {trained} |")
+        training = f"{minutes[mode]:.1f}" if mode in minutes else "(the knn run)"
+        rows.append(f"| {mode} | " + " | ".join(f"{results[mode][n]:.4f}" for n in names) + f" | {training} |")
     none, xl, knn = (results[m]["all"] for m in MODES)
     verdict = (f"Ordered knn ≤ xl < none: **{'yes' if knn <= xl < none else 'no'}**; "
                f"NLL change against none: xl **{100 * (xl - none) / none:+.1f}%**, "

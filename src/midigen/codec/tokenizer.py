@@ -89,7 +89,8 @@ class PositionScore:
 # in a bar to uint16, MAX_SONG_STEPS bounds steps and bars): how a token store keeps them, and the
 # order in which `TokenSequence.pack` lays them out.
 PACKED_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32, "beats": np.uint16}
-PACKED_BYTES_PER_TOKEN = sum(np.dtype(dtype).itemsize for dtype in PACKED_DTYPES.values())
+PACKED_ITEM_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in PACKED_DTYPES.items()}
+PACKED_BYTES_PER_TOKEN = sum(PACKED_ITEM_BYTES.values())
 
 
 @dataclass
@@ -120,7 +121,7 @@ def unpack(buffer: bytes) -> dict[str, np.ndarray]:
     arrays = {}
     for name, dtype in PACKED_DTYPES.items():
         arrays[name] = np.frombuffer(buffer, dtype=dtype, count=length, offset=offset)
-        offset += length * np.dtype(dtype).itemsize
+        offset += length * PACKED_ITEM_BYTES[name]
     return arrays
 
 

@@ -31,13 +31,12 @@ import numpy as np
 
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.sandbox import EncodedSong
-from midigen.codec.tokenizer import PACKED_DTYPES, TokenSequence
+from midigen.codec.tokenizer import PACKED_DTYPES, PACKED_ITEM_BYTES, TokenSequence
 from midigen.data.splits import SPLITS
 from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
 ARRAY_DTYPES = PACKED_DTYPES
-ITEM_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in ARRAY_DTYPES.items()}
 WRITE_BUFFER_BYTES = 2**20  # a song's arrays are a few KB each: a large buffer turns them into few system calls
 CONFIG_FILE = "tokenizer.json"
 SONGS_FILE = "songs.jsonl"
@@ -100,7 +99,7 @@ class TokenStore:
         path = self.root / f"{name}.bin"
         if self.num_tokens == 0:
             return np.zeros(0, dtype=dtype)
-        needed = self.num_tokens * np.dtype(dtype).itemsize
+        needed = self.num_tokens * PACKED_ITEM_BYTES[name]
         if not path.exists() or path.stat().st_size < needed:
             raise MidigenError(f"{path}: store is damaged ({name} shorter than its index says)")
         return np.memmap(path, dtype=dtype, mode="r", shape=(self.num_tokens,))
@@ -159,7 +158,7 @@ class StoreWriter:
         self.skipped_file = self._open_cut(SKIPPED_FILE, skipped_length)
         self.files = {
             name: self._open_cut(f"{name}.bin", self.num_tokens * item_bytes, WRITE_BUFFER_BYTES)
-            for name, item_bytes in ITEM_BYTES.items()
+            for name, item_bytes in PACKED_ITEM_BYTES.items()
         }
         self.pending_rows: list[str] = []  # index rows of songs whose tokens are not yet flushed
 
@@ -197,7 +196,7 @@ class StoreWriter:
     def add_song(self, path: str, split: str, song: EncodedSong) -> SongEntry:
         packed, offset, length = memoryview(song.packed), 0, song.length
         for name, handle in self.files.items():  # the packed buffer holds the arrays one after the other
-            size = length * ITEM_BYTES[name]
+            size = length * PACKED_ITEM_BYTES[name]
             handle.write(packed[offset : offset + size])
             offset += size
         entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split)
