@@ -60,9 +60,9 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
 
 def write_section(title: str, body: str) -> None:
     """Replace the section `## title` of BENCHMARKS.md (or add it), keeping every other section."""
-    script = Path(sys.argv[0]).name
+    command = " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])  # as run, options included
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = f"## {title}\n\n_{stamp}, `python bench/{script}`, {machine()}._\n\n{body.strip()}\n"
+    section = f"## {title}\n\n_{stamp}, `python {command}`, {machine()}._\n\n{body.strip()}\n"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
