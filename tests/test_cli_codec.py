@@ -73,13 +73,16 @@ def test_roundtrip_on_a_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"", "empty file (0 bytes)"), (b"hello, I am text\n", "not a MIDI file (no MThd header)"), (None, "no such file")],
+    [(b"", "empty file (0 bytes)"), (b"hello, I am text\n", "not a MIDI file (no MThd header)"), (None, "no such file"),
+     ("folder", "is a folder, not a MIDI file")],
 )
 def test_roundtrip_names_the_file_and_the_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, reason: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | str | None, reason: str
 ) -> None:
     bad = tmp_path / "bad.mid"
-    if content is not None:
+    if content == "folder":
+        bad.mkdir()
+    elif isinstance(content, bytes):
         bad.write_bytes(content)
     assert main(["roundtrip", str(bad), "-o", str(tmp_path / "out.mid")]) == 2
     assert capsys.readouterr().err == f"midigen roundtrip: error: {bad}: {reason}\n"

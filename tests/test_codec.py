@@ -142,6 +142,17 @@ def test_token_steps_can_continue_from_any_token() -> None:
         np.testing.assert_array_equal(rest, sequence.steps[cut:])
 
 
+@pytest.mark.parametrize("max_duration", [256, 8])  # 8: long gaps are split into several `<sep> d` pairs
+def test_encoded_steps_are_those_the_tokens_imply(prompt_files: list[Path], corpus_files: list[Path],
+                                                  max_duration: int) -> None:
+    """`index_score` takes each token's step from the position score; `token_steps` (which generation
+    uses) derives it from the tokens alone: the two must agree."""
+    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=max_duration))
+    for path in prompt_files + corpus_files:
+        sequence = tokenizer.encode(path)
+        np.testing.assert_array_equal(sequence.steps, tokenizer.token_steps(sequence.tokens), err_msg=str(path))
+
+
 def test_inspection_helpers_render_the_scores() -> None:
     tokenizer = SeedTokenizer()
     sparse = tokenizer.sparse_score(make_score([SMALL], time_signatures=[(0, 3, 4)]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,17 +38,22 @@ class MidiNotes:
 def read_midi_bytes(path: str | Path) -> bytes:
     """The raw bytes of a MIDI file, or a `BadMidiError` saying why there are none."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+        # os-level calls: a file object costs more than reading a typical MIDI file does
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            status = os.fstat(handle)
+            if stat.S_ISDIR(status.st_mode):  # which os.open, unlike open(), accepts
+                raise BadMidiError(path, "is a folder, not a MIDI file")
+            size = status.st_size
             if size == 0:
                 raise BadMidiError(path, "empty file (0 bytes)")
             if size > MAX_MIDI_BYTES:
                 raise BadMidiError(path, f"file too large: {size / 2**20:.0f} MiB > {MAX_MIDI_BYTES / 2**20:.0f} MiB")
-            return handle.read()
+            return os.read(handle, size)
+        finally:
+            os.close(handle)
     except FileNotFoundError:
         raise BadMidiError(path, "no such file") from None
-    except IsADirectoryError:
-        raise BadMidiError(path, "is a folder, not a MIDI file") from None
     except PermissionError:
         raise BadMidiError(path, "permission denied") from None
     except OSError as exc:

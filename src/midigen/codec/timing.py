@@ -67,6 +67,7 @@ class BarGrid:
         spans = np.diff(self.starts)
         bars_per_segment = -(-spans // self.bar_steps[:-1])  # an unfinished bar before a change still counts
         self.first_bars = np.concatenate(([0], np.cumsum(bars_per_segment))).astype(np.int64)
+        self.wraps = bool(self.bar_steps.max() > beat_positions)  # some bar has more steps than positions
 
     @classmethod
     def default(cls, steps_per_quarter: int, beat_positions: int) -> BarGrid:
@@ -83,12 +84,11 @@ class BarGrid:
         """(bar index, position in bar) of each step."""
         steps = np.asarray(steps, dtype=np.int64)
         if self.starts.size == 1:
-            bar_len = int(self.bar_steps[0])
-            return steps // bar_len, steps % bar_len % self.beat_positions
+            bars, positions = np.divmod(steps, int(self.bar_steps[0]))
+            return bars, positions % self.beat_positions if self.wraps else positions
         segment = np.searchsorted(self.starts, steps, side="right") - 1
-        offset = steps - self.starts[segment]
-        bar_len = self.bar_steps[segment]
-        return self.first_bars[segment] + offset // bar_len, offset % bar_len % self.beat_positions
+        bars, positions = np.divmod(steps - self.starts[segment], self.bar_steps[segment])
+        return self.first_bars[segment] + bars, positions % self.beat_positions if self.wraps else positions
 
     def bar_start(self, bar: int) -> int:
         """Step at which bar number `bar` begins."""

@@ -172,33 +172,46 @@ class SeedTokenizer:
     def position_score(sparse: SparseScore) -> PositionScore:
         """Sparse score → rows of (pitch, duration, step), with a gap row before each new onset group."""
         steps = sparse.steps
-        # every onset group but a first one at step 0 follows a gap (steps are sorted: a change is a gap)
         previous = np.empty_like(steps)
         previous[:1] = 0
         previous[1:] = steps[:-1]
-        opens_gap = steps != previous
-        gap_starts = previous[opens_gap]
-        # each note row lands after all gap rows up to and including its own group's
-        note_rows = np.arange(steps.size) + np.cumsum(opens_gap)
-        gap_rows = note_rows[opens_gap] - 1
-        rows = np.empty((steps.size + gap_rows.size, 3), dtype=np.int64)
-        pitch, duration, step = (rows[:, column] for column in (PositionScore.PITCH, PositionScore.DURATION, PositionScore.STEP))
-        pitch[note_rows], duration[note_rows], step[note_rows] = sparse.pitches, sparse.durations, steps
-        pitch[gap_rows], duration[gap_rows], step[gap_rows] = GAP, steps[opens_gap] - gap_starts, gap_starts
-        return PositionScore(rows, sparse.grid)
+        # a gap row, then a note row, for every note; the gap rows of notes that open no new group
+        # (steps are sorted, so a group opens where the step changes) are dropped
+        slots = np.empty((steps.size, 2, 3), dtype=np.int64)
+        slots[:, 0, PositionScore.PITCH] = GAP
+        np.subtract(steps, previous, out=slots[:, 0, PositionScore.DURATION])
+        slots[:, 0, PositionScore.STEP] = previous
+        slots[:, 1, PositionScore.PITCH] = sparse.pitches
+        slots[:, 1, PositionScore.DURATION] = sparse.durations
+        slots[:, 1, PositionScore.STEP] = steps
+        keep = np.empty((steps.size, 2), dtype=bool)
+        np.not_equal(steps, previous, out=keep[:, 0])
+        keep[:, 1] = True
+        return PositionScore(slots.reshape(-1, 3)[keep.ravel()], sparse.grid)
 
     def index_score(self, position: PositionScore) -> TokenSequence:
-        """Position score → tokens: `<sos>`, an `n d` pair per note and a `<sep> d` pair per gap, `<eos>`."""
+        """Position score → tokens: `<sos>`, an `n d` pair per note and a `<sep> d` pair per gap, `<eos>`.
+
+        Each token's step comes from its row: a pair's first token sits at the row's step, a gap's
+        duration token where the gap ends (what `token_steps` derives from the tokens alone).
+        """
         vocab, max_dur = self.vocab, self.config.max_duration
-        pitch, length = position.rows[:, PositionScore.PITCH], position.rows[:, PositionScore.DURATION]
+        rows = position.rows
+        if int(rows[:, PositionScore.DURATION].max(initial=0)) > max_dur:  # notes are clamped: only gaps are this long
+            rows = split_long_gaps(rows, max_dur)
+        pitch, length, step = rows[:, PositionScore.PITCH], rows[:, PositionScore.DURATION], rows[:, PositionScore.STEP]
         is_gap = pitch == GAP
-        if int(length.max(initial=0)) > max_dur:  # notes are clamped, so only gaps can be this long
-            pitch, length, is_gap = split_long_gaps(pitch, length, is_gap, max_dur)
         tokens = np.empty(2 * pitch.size + 2, dtype=np.int64)
         tokens[0], tokens[-1] = Vocab.SOS, Vocab.EOS
         tokens[1:-1:2] = np.where(is_gap, Vocab.SEP, vocab.note_offset + pitch)
         tokens[2:-1:2] = vocab.duration_offset - 1 + length
-        return self.with_positions(tokens, position.grid)
+        steps = np.empty_like(tokens)
+        steps[0] = 0
+        steps[1:-1:2] = step
+        np.add(step, length * is_gap, out=steps[2:-1:2])
+        steps[-1] = steps[-2]
+        bars, beats = position.grid.locate(steps)
+        return TokenSequence(tokens, steps, bars, beats, position.grid)
 
     # ---- positions ----------------------------------------------------------------------------
     def token_steps(self, tokens: np.ndarray, start_step: int = 0, after_sep: bool = False) -> np.ndarray:
@@ -216,6 +229,7 @@ class SeedTokenizer:
         return steps + start_step if start_step else steps
 
     def with_positions(self, tokens: np.ndarray, grid: BarGrid) -> TokenSequence:
+        """Tokens with the steps `token_steps` derives from them, placed in `grid`."""
         steps = self.token_steps(tokens)
         bars, beats = grid.locate(steps)
         return TokenSequence(tokens, steps, bars, beats, grid)
@@ -350,15 +364,17 @@ def merge_same_onsets(
     )
 
 
-def split_long_gaps(
-    pitch: np.ndarray, length: np.ndarray, is_gap: np.ndarray, max_dur: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
+def split_long_gaps(rows: np.ndarray, max_dur: int) -> np.ndarray:
+    """Position rows (R, 3) with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
+    length, is_gap = rows[:, PositionScore.DURATION], rows[:, PositionScore.PITCH] == GAP
     pieces = np.where(is_gap, -(-length // max_dur), 1)
-    row = np.repeat(np.arange(pitch.size), pieces)
+    row = np.repeat(np.arange(rows.shape[0]), pieces)
     piece = np.arange(row.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    split_length = np.where(is_gap[row], np.minimum(max_dur, length[row] - piece * max_dur), length[row])
-    return pitch[row], split_length, is_gap[row]
+    split, gap = rows[row], is_gap[row]
+    elapsed = piece[gap] * max_dur  # of the gap, before this piece
+    split[gap, PositionScore.DURATION] = np.minimum(max_dur, split[gap, PositionScore.DURATION] - elapsed)
+    split[gap, PositionScore.STEP] += elapsed
+    return split
 
 
 # ---- inspection ---------------------------------------------------------------------------------

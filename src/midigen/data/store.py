@@ -37,7 +37,7 @@ from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
 ARRAY_DTYPES = PACKED_DTYPES
-WRITE_BUFFER_BYTES = 2**20  # a song's arrays are a few KB each: a large buffer turns them into few system calls
+WRITE_BUFFER_BYTES = 2**16  # a song's arrays are a few KB each: few system calls, and few pages for a short run to fault in
 CONFIG_FILE = "tokenizer.json"
 SONGS_FILE = "songs.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
