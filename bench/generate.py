@@ -37,7 +37,7 @@ class RecomputeDecoder:
 
 def tokens_per_second(decoder_class: type, model: MusicTransformer) -> float:
     tokenizer = SeedTokenizer(TokenizerConfig())
-    grammar, sampling = Grammar(tokenizer.vocab), SamplingConfig(seed=0)
+    grammar, sampling = Grammar(tokenizer.config), SamplingConfig(seed=0)
     generator = torch.Generator().manual_seed(0)
     decoder = decoder_class(model)
     token, step = 1, 0

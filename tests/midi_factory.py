@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -76,15 +77,20 @@ def million_note_score(count: int = 1_000_000) -> symusic.Score:
 
 def grid_notes_of(score: symusic.Score, steps_per_quarter: int, keep_drums: bool = False) -> set[GridNote]:
     """The notes of a score on a grid (halves rounded up, at least one step), computed independently of midigen."""
+    return set(grid_note_counts(score, steps_per_quarter, keep_drums))
+
+
+def grid_note_counts(score: symusic.Score, steps_per_quarter: int, keep_drums: bool = False) -> Counter[GridNote]:
+    """Like `grid_notes_of`, counting each note as often as the score has it (doubled voices, copied tracks)."""
     tpq = score.ticks_per_quarter
-    result = set()
+    result: Counter[GridNote] = Counter()
     for track in score.tracks:
         if track.is_drum and not keep_drums:
             continue
         for note in track.notes:
             onset = (2 * steps_per_quarter * note.time + tpq) // (2 * tpq)
             end = (2 * steps_per_quarter * (note.time + note.duration) + tpq) // (2 * tpq)
-            result.add((onset, note.pitch, max(1, end - onset)))
+            result[onset, note.pitch, max(1, end - onset)] += 1
     return result
 
 

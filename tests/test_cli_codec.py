@@ -41,9 +41,11 @@ def test_encode_exits_2_when_nothing_could_be_encoded(tmp_path: Path, capsys: py
 
 
 def test_encode_passes_the_tokenizer_options(tmp_path: Path, prompt_files: list[Path]) -> None:
-    args = ["encode", str(prompt_files[0]), "-o", str(tmp_path / "store"), "--steps-per-quarter", "4", "--max-duration", "32", "--keep-drums", "--quiet"]
+    args = ["encode", str(prompt_files[0]), "-o", str(tmp_path / "store"), "--steps-per-quarter", "4", "--max-duration", "32",
+            "--keep-drums", "--keep-unisons", "--quiet"]
     assert main(args) == 0
-    assert TokenStore(tmp_path / "store").config == TokenizerConfig(steps_per_quarter=4, max_duration=32, keep_drums=True)
+    assert TokenStore(tmp_path / "store").config == TokenizerConfig(steps_per_quarter=4, max_duration=32, keep_drums=True,
+                                                                    merge_unisons=False)
     # rerunning the same store with other options is refused in one line
     assert main(["encode", str(prompt_files[0]), "-o", str(tmp_path / "store"), "--quiet"]) == 2
 
@@ -57,6 +59,9 @@ def test_roundtrip_writes_what_the_encoding_keeps(tmp_path: Path, capsys: pytest
     assert grid_notes_of(written, 8) == {(0, 60, 4), (4, 64, 64)}
     assert round(written.tempos[0].qpm) == 72
     assert [(t.numerator, t.denominator) for t in written.time_signatures] == [(3, 4)]
+    assert main(["roundtrip", str(source), "-o", str(tmp_path / "kept.mid"), "--max-duration", "64", "--keep-unisons"]) == 0
+    assert "3 notes in, 3 out" in capsys.readouterr().out
+    assert grid_notes_of(symusic.Score(str(tmp_path / "kept.mid")), 8) == {(0, 60, 4), (0, 60, 2), (4, 64, 64)}
 
 
 TRUNCATED = b"MThd\x00\x00\x00\x06\x00\x01\x00\x02\x01\xe0MTrk\x00\x00\x01"

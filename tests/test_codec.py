@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import symusic
-from midi_factory import DRUM_CHANNEL, GridNote, grid_notes_of, make_score, tick_notes, type0_midi, write_score
+from midi_factory import (
+    DRUM_CHANNEL,
+    GridNote,
+    grid_note_counts,
+    grid_notes_of,
+    make_score,
+    tick_notes,
+    type0_midi,
+    write_score,
+)
 
 from midigen.codec import (
     GAP,
@@ -60,7 +69,8 @@ def test_vocabulary_layout() -> None:
 
 
 def test_config_saves_and_loads_equal(tmp_path: Path) -> None:
-    config = TokenizerConfig(steps_per_quarter=12, max_duration=96, max_bar_quarters=6, keep_drums=True, tempo_qpm=90.5)
+    config = TokenizerConfig(steps_per_quarter=12, max_duration=96, max_bar_quarters=6, keep_drums=True, tempo_qpm=90.5,
+                             merge_unisons=False)
     config.save(tmp_path / "tokenizer.json")
     assert TokenizerConfig.load(tmp_path / "tokenizer.json") == config
     assert config.beat_positions == 72
@@ -253,6 +263,23 @@ def test_same_pitch_same_onset_is_merged_longest_first() -> None:
     assert roundtrip(tokenizer, score) == sparse.notes()
 
 
+def test_unisons_can_be_kept_apart() -> None:
+    tokenizer = SeedTokenizer(TokenizerConfig(merge_unisons=False))
+    score = make_score([[(0, 60, 4), (8, 62, 2)], [(0, 60, 8), (8, 62, 2), (8, 64, 1)]])
+    sparse = tokenizer.sparse_score(score)
+    assert list(zip(sparse.steps.tolist(), sparse.pitches.tolist(), sparse.durations.tolist())) == [
+        (0, 60, 8), (0, 60, 4), (8, 64, 1), (8, 62, 2), (8, 62, 2)  # longest first within a unison
+    ] and sparse.merged_notes == 0
+    assert sparse.to_dense()[0, 60] == 8  # the seed's matrix holds one note per cell: the longest
+    sequence = tokenizer.encode(score)
+    assert tokenizer.vocab.describe(sequence.tokens[:5]) == ["<sos>", "n60", "d8", "n60", "d4"]
+    decoded = tokenizer.decode(sequence)
+    assert [len(track.notes) for track in decoded.tracks] == [3, 2]  # the second of each unison on its own track
+    assert grid_note_counts(symusic.Score.from_midi(decoded.dumps_midi()), 8) == grid_note_counts(score, 8)
+    # a tokenizer that merges reads the same tokens as two notes fewer
+    assert SeedTokenizer().decode_sparse(sequence.tokens).merged_notes == 2
+
+
 @pytest.mark.parametrize("ticks_per_quarter", [1, 96, 100, 384, 480, 960, 10080])
 def test_any_ticks_per_quarter(ticks_per_quarter: int) -> None:
     score = symusic.Score(ticks_per_quarter)
@@ -353,3 +380,19 @@ def test_real_prompts_lose_only_merged_notes(prompt_files: list[Path], steps_per
 def test_bundled_corpora_lose_only_merged_notes(corpus_files: list[Path]) -> None:
     for path in corpus_files:
         assert_only_merges_are_lost(path, 8)
+
+
+@pytest.mark.parametrize("steps_per_quarter", [4, 8])
+def test_with_unisons_kept_every_note_of_real_files_comes_back(prompt_files: list[Path], corpus_files: list[Path],
+                                                               steps_per_quarter: int) -> None:
+    """Every note on the grid, as often as the file has it, comes back identical (durations clamped to 256)."""
+    tokenizer = SeedTokenizer(TokenizerConfig(steps_per_quarter=steps_per_quarter, merge_unisons=False))
+    unisons = 0
+    for path in prompt_files + corpus_files:
+        expected: Counter[GridNote] = Counter()
+        for (step, pitch, duration), count in grid_note_counts(symusic.Score(str(path)), steps_per_quarter).items():
+            expected[step, pitch, min(duration, 256)] += count
+        decoded = tokenizer.decode(tokenizer.encode(path))
+        assert grid_note_counts(symusic.Score.from_midi(decoded.dumps_midi()), steps_per_quarter) == expected, path
+        unisons += len(expected) - len({(s, p) for s, p, _ in expected})
+    assert unisons > 0  # the files do hold unisons of different lengths, which the default merges

@@ -23,13 +23,13 @@ FUER_ELISE = Path(__file__).parent / "data" / "prompts" / "Fuer_Elise_-_Ludwig_V
 
 
 def test_real_songs_follow_the_grammar(prompt_files: list[Path]) -> None:
-    grammar = Grammar(TOKENIZER.vocab)
+    grammar = Grammar(TOKENIZER.config)
     for path in prompt_files:
         assert grammar.check(TOKENIZER.encode(path).tokens) is None, path
 
 
 def test_grammar_rejects_what_cannot_decode() -> None:
-    vocab, grammar = TOKENIZER.vocab, Grammar(TOKENIZER.vocab)
+    vocab, grammar = TOKENIZER.vocab, Grammar(TOKENIZER.config)
     note, dur = vocab.note(60), vocab.duration(4)
     assert grammar.check([1, note, note]) == 2  # a note needs its duration
     assert grammar.check([1, note, dur, vocab.note(64)]) == 3  # a group goes from high to low pitch
@@ -38,9 +38,22 @@ def test_grammar_rejects_what_cannot_decode() -> None:
     assert grammar.check([1, 3, vocab.duration(256), 3, dur, note, dur, 2]) is None
 
 
+def test_grammar_repeats_a_pitch_only_where_unisons_are_kept(prompt_files: list[Path]) -> None:
+    vocab = TOKENIZER.vocab
+    top, dur = vocab.note(127), vocab.duration(4)
+    keeping = TokenizerConfig(merge_unisons=False)
+    assert Grammar(TOKENIZER.config).check([1, top, dur, top, dur]) == 3
+    assert Grammar(keeping).check([1, top, dur, top, dur]) is None
+    assert Grammar(keeping).check([1, vocab.note(60), dur, vocab.note(61)]) == 3  # still from high to low
+    assert Grammar(keeping).check([1, dur]) == 1  # a group starts with a note, not a duration
+    tokenizer = SeedTokenizer(keeping)
+    for path in prompt_files:
+        assert Grammar(keeping).check(tokenizer.encode(path).tokens) is None, path
+
+
 def test_200_generations_decode_to_midi_with_notes(tiny_run: Path) -> None:
     trained = load_trained(tiny_run)
-    grammar = Grammar(TOKENIZER.vocab)
+    grammar = Grammar(TOKENIZER.config)
     rng = np.random.default_rng(0)
     settings = [SamplingConfig(temperature=float(t), seed=i) for i, t in enumerate(rng.uniform(0.1, 5.0, 196))]
     settings += [SamplingConfig(temperature=0.1, seed=1), SamplingConfig(temperature=5.0, seed=2),
@@ -84,7 +97,7 @@ def test_prompt_longer_than_the_context_slides(tiny_run: Path, prompt_files: lis
     prompt = load_prompt(longest, 100, TOKENIZER)
     assert len(prompt.sequence) > trained.model_config.context
     generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=2 * trained.model_config.context)
-    assert Grammar(TOKENIZER.vocab).check(generation.sequence.tokens) is None
+    assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
 
 
 def midigen(*args: str) -> subprocess.CompletedProcess[str]:

@@ -274,7 +274,7 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
     assert len(long_prompt.sequence) > 3 * 32
     for prompt in (long_prompt, empty_prompt(TOKENIZER)):
         generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)
-        assert Grammar(TOKENIZER.vocab).check(generation.sequence.tokens) is None
+        assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

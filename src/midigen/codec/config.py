@@ -25,6 +25,10 @@ class TokenizerConfig(JsonConfig):
         [0, max_bar_quarters * steps_per_quarter); in longer bars (rare, e.g. 9/4) they wrap around.
     keep_drums: drum tracks (MIDI channel 10) are dropped unless this is set.
     tempo_qpm: tempo written by `decode` when the caller gives none.
+    merge_unisons: notes of one pitch that start on the same step (most often voices or tracks in
+        unison) become one note, the longest, as in the seed's sparse score, which holds one note per
+        step and pitch; a single instrument sounds the same. Off, every one is kept: they follow each
+        other in their onset group, longest first, and `decode` writes each further one on an extra track.
     """
 
     steps_per_quarter: int = 8
@@ -32,6 +36,7 @@ class TokenizerConfig(JsonConfig):
     max_bar_quarters: int = 8
     keep_drums: bool = False
     tempo_qpm: float = 120.0
+    merge_unisons: bool = True
 
     def __post_init__(self) -> None:
         if self.steps_per_quarter < 1:

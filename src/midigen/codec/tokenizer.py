@@ -9,7 +9,7 @@ What the encoding loses, all of it:
   a note lasts at least one step;
 - length beyond `max_duration` steps (longer notes are clamped to it);
 - of several notes with the same pitch and onset step (unisons between tracks included), all but
-  the longest;
+  the longest, unless `merge_unisons` is off;
 - velocities, instruments and the track layout (all kept tracks become one stream, and `decode`
   writes one track at one velocity, plus a track for each further layer of same-pitch notes that
   overlap, which one MIDI track cannot hold), tempo changes (`decode` writes one tempo, the caller's),
@@ -51,7 +51,7 @@ class SparseScore:
     pitches: np.ndarray  # (N,) int64
     durations: np.ndarray  # (N,) int64, 1..max_duration
     grid: BarGrid
-    merged_notes: int = 0  # notes dropped because another note had the same pitch and onset
+    merged_notes: int = 0  # notes dropped because a longer one had the same pitch and onset (merge_unisons)
     clamped_notes: int = 0  # notes shortened to max_duration
 
     def __len__(self) -> int:
@@ -62,12 +62,13 @@ class SparseScore:
         return int((self.steps + self.durations).max()) if len(self) else 0
 
     def to_dense(self) -> np.ndarray:
-        """The (steps, 128) matrix the seed used: value = duration of the note starting there, else 0."""
+        """The (steps, 128) matrix the seed used: value = duration of the note starting there (of unisons
+        kept apart, the longest), else 0."""
         cells = self.num_steps * NUM_PITCHES
         if cells > MAX_DENSE_CELLS:
             raise MidigenError(f"score too long for a dense matrix ({self.num_steps} steps)")
         dense = np.zeros((self.num_steps, NUM_PITCHES), dtype=np.int32)
-        dense[self.steps, self.pitches] = self.durations
+        np.maximum.at(dense, (self.steps, self.pitches), self.durations)
         return dense
 
     def notes(self) -> set[tuple[int, int, int]]:
@@ -141,10 +142,10 @@ class SeedTokenizer:
         return self.index_score(self.position_score(self.sparse_score(source)))
 
     def sparse_score(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> SparseScore:
-        """Quantise notes to the grid, sort them (step, then highest pitch first) and merge same-onset repeats."""
+        """Quantise notes to the grid, sort them (step, then highest pitch first) and merge unisons."""
         notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
         onsets, durations, clamped = self.quantise(notes)
-        steps, pitches, durations, merged = merge_same_onsets(onsets, notes.pitches, durations)
+        steps, pitches, durations, merged = sort_notes(onsets, notes.pitches, durations, self.config.merge_unisons)
         return SparseScore(steps, pitches, durations, self.grid_of(notes), merged_notes=merged, clamped_notes=clamped)
 
     def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
@@ -257,7 +258,8 @@ class SeedTokenizer:
         is_sep = heads == Vocab.SEP
         time = np.cumsum(np.where(is_sep, lengths, 0))
         is_note = ~is_sep
-        steps, pitches, durations, merged = merge_same_onsets(time[is_note], heads[is_note] - vocab.note_offset, lengths[is_note])
+        steps, pitches, durations, merged = sort_notes(time[is_note], heads[is_note] - vocab.note_offset, lengths[is_note],
+                                                       self.config.merge_unisons)
         cfg = self.config
         grid = grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
         return SparseScore(steps, pitches, durations, grid, merged_notes=merged)
@@ -344,18 +346,21 @@ def overlap_layers(sparse: SparseScore) -> np.ndarray:
     return result
 
 
-def merge_same_onsets(
-    steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray
+def sort_notes(
+    steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray, merge_unisons: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Notes sorted by step, then highest pitch first; of several notes with the same step and pitch
-    only the longest is kept. Returns (steps, pitches, durations, number of notes dropped)."""
+    """Notes sorted by step, then highest pitch first, then longest first; with `merge_unisons`, of
+    several notes with the same step and pitch only the longest is kept.
+    Returns (steps, pitches, durations, number of notes dropped)."""
     # one sort on a packed key: step, then pitch descending, then duration descending
     key = np.sort((steps << KEY_STEP_SHIFT) | ((127 - pitches) << KEY_PITCH_SHIFT) | (KEY_DURATION_MASK - durations))
-    step_and_pitch = key >> KEY_PITCH_SHIFT
-    keep = np.empty(key.size, dtype=bool)
-    keep[:1] = True
-    np.not_equal(step_and_pitch[1:], step_and_pitch[:-1], out=keep[1:])
-    kept = key[keep]
+    kept = key
+    if merge_unisons:
+        step_and_pitch = key >> KEY_PITCH_SHIFT
+        keep = np.empty(key.size, dtype=bool)
+        keep[:1] = True
+        np.not_equal(step_and_pitch[1:], step_and_pitch[:-1], out=keep[1:])
+        kept = key[keep]
     return (
         kept >> KEY_STEP_SHIFT,
         127 - ((kept >> KEY_PITCH_SHIFT) & 127),
@@ -398,7 +403,7 @@ def show_sparse_score(sparse: SparseScore, first_step: int = 0, num_steps: int =
     for offset in range(num_steps):
         step = first_step + offset
         cells = ["."] * len(pitches)
-        for i in np.flatnonzero(window & (sparse.steps == step)):
+        for i in np.flatnonzero(window & (sparse.steps == step))[::-1]:  # of unisons kept apart, the longest shows
             cells[column[int(sparse.pitches[i])]] = str(int(sparse.durations[i]))
         lines.append(f"{step:>4}  {bars[offset]:>3}:{beats[offset]:<4} " + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)

@@ -172,7 +172,7 @@ def generate(
         raise MidigenError("--bars and --tokens must be at least 1")
     tokenizer = SeedTokenizer(trained.tokenizer)
     vocab = tokenizer.vocab
-    grammar = Grammar(vocab)
+    grammar = Grammar(trained.tokenizer)
     for token in prompt.sequence.tokens.tolist():
         grammar.feed(token)
     generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed() % 2**63))

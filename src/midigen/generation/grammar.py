@@ -1,30 +1,34 @@
 """Which tokens may legally come next, so every generated sequence decodes.
 
 The index score's grammar: after `<sos>` a note or `<sep>`; after a note or `<sep>`, a duration;
-after a note's duration, a lower note of the same onset group, a `<sep>` or `<eos>`; after a gap's
-duration, a note (a new group), or another `<sep>` only if the gap was a full `max_duration` piece.
+after a note's duration, a lower note of the same onset group (or the same pitch again, where the
+tokenizer keeps unisons apart), a `<sep>` or `<eos>`; after a gap's duration, a note (a new group),
+or another `<sep>` only if the gap was a full `max_duration` piece.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from midigen.codec.config import Vocab
+from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
 
 
 class Grammar:
-    def __init__(self, vocab: Vocab) -> None:
-        self.vocab = vocab
+    """The grammar of token sequences encoded with `config`."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        self.vocab = vocab = config.vocab
+        self.unisons = not config.merge_unisons  # may a group repeat its last pitch?
         size = vocab.size
         self.notes = np.zeros(size, dtype=bool)
         self.notes[vocab.note_offset : vocab.duration_offset] = True
         self.durations = np.zeros(size, dtype=bool)
         self.durations[vocab.duration_offset :] = True
         self.state = "start"
-        self.lowest_in_group = 128  # notes of a group go from high to low pitch
+        self.lowest_in_group = NUM_PITCHES  # notes of a group go from high to low pitch
 
     def reset(self) -> None:
-        self.state, self.lowest_in_group = "start", 128
+        self.state, self.lowest_in_group = "start", NUM_PITCHES
 
     def feed(self, token: int) -> None:
         """Advance the state with a token (prompt or generated)."""
@@ -40,7 +44,7 @@ class Grammar:
             if self.state == "after_sep":
                 full_gap = token - vocab.duration_offset + 1 == vocab.max_duration
                 self.state = "after_full_gap" if full_gap else "after_gap"
-                self.lowest_in_group = 128
+                self.lowest_in_group = NUM_PITCHES
             else:
                 self.state = "after_note_duration"
         elif token == Vocab.EOS:
@@ -53,7 +57,8 @@ class Grammar:
         if self.state in ("after_note", "after_sep"):
             mask |= self.durations
         elif self.state in ("start", "after_gap", "after_full_gap", "after_note_duration"):
-            mask[vocab.note_offset : vocab.note_offset + self.lowest_in_group] = True
+            highest = self.lowest_in_group + (self.unisons and self.lowest_in_group < NUM_PITCHES)  # exclusive
+            mask[vocab.note_offset : vocab.note_offset + highest] = True
             if self.state != "after_gap":
                 mask[Vocab.SEP] = True
             if allow_end and self.state == "after_note_duration":
