@@ -142,7 +142,8 @@ class SeedTokenizer:
         return self.index_score(self.position_score(self.sparse_score(source)))
 
     def sparse_score(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> SparseScore:
-        """Quantise notes to the grid, sort them (step, then highest pitch first) and merge unisons."""
+        """Quantise notes to the grid, sort them (step, highest pitch first, longest first) and, with
+        `merge_unisons`, keep only the longest of the notes of one pitch starting on the same step."""
         notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
         onsets, durations, clamped = self.quantise(notes)
         steps, pitches, durations, merged = sort_notes(onsets, notes.pitches, durations, self.config.merge_unisons)
