@@ -19,16 +19,13 @@ class Grammar:
     def __init__(self, config: TokenizerConfig) -> None:
         self.vocab = vocab = config.vocab
         self.unisons = not config.merge_unisons  # may a group repeat its last pitch?
-        size = vocab.size
-        self.notes = np.zeros(size, dtype=bool)
-        self.notes[vocab.note_offset : vocab.duration_offset] = True
-        self.durations = np.zeros(size, dtype=bool)
+        self.durations = np.zeros(vocab.size, dtype=bool)
         self.durations[vocab.duration_offset :] = True
-        self.state = "start"
-        self.lowest_in_group = NUM_PITCHES  # notes of a group go from high to low pitch
+        self.reset()
 
     def reset(self) -> None:
-        self.state, self.lowest_in_group = "start", NUM_PITCHES
+        self.state = "start"
+        self.lowest_in_group = NUM_PITCHES  # notes of a group go from high to low pitch
 
     def feed(self, token: int) -> None:
         """Advance the state with a token (prompt or generated)."""
