@@ -101,12 +101,12 @@ def test_roundtrip_to_an_unwritable_output_exits_2(tmp_path: Path, capsys: pytes
 
 
 def test_roundtrip_survives_a_parser_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def crash(path: str, tokenizer: SeedTokenizer) -> sandbox.EncodeResult:
+    def crash(path: str, keep_drums: bool) -> sandbox.ParsedFile:
         faulthandler.disable()
         os.kill(os.getpid(), signal.SIGSEGV)
         raise AssertionError("unreachable")
 
     source = write_score(tmp_path / "in.mid", make_score([[(0, 60, 4)]]))
-    monkeypatch.setattr(sandbox, "encode_one", crash)
+    monkeypatch.setattr(sandbox, "parse_one", crash)
     assert main(["roundtrip", str(source), "-o", str(tmp_path / "out.mid")]) == 2
     assert capsys.readouterr().err == f"midigen roundtrip: error: {source}: parser crashed: SIGSEGV\n"

@@ -30,6 +30,7 @@ from midigen.codec import (
     show_position_score,
     show_sparse_score,
 )
+from midigen.codec.midi_io import MidiNotes
 from midigen.errors import BadMidiError, MidigenError
 
 BUNDLED = (("bach-chorales", 3), ("palestrina", 2), ("folk", 3))  # the first pieces of each bundled corpus
@@ -161,6 +162,32 @@ def test_encoded_steps_are_those_the_tokens_imply(prompt_files: list[Path], corp
     for path in prompt_files + corpus_files:
         sequence = tokenizer.encode(path)
         np.testing.assert_array_equal(sequence.steps, tokenizer.token_steps(sequence.tokens), err_msg=str(path))
+
+
+@pytest.mark.parametrize("config", [TokenizerConfig(), TokenizerConfig(merge_unisons=False),
+                                    TokenizerConfig(steps_per_quarter=4, max_duration=8)])
+def test_files_encoded_together_equal_files_encoded_alone(prompt_files: list[Path], corpus_files: list[Path],
+                                                          config: TokenizerConfig) -> None:
+    """`sparse_scores` and `index_scores` (what `encode` workers use) sort and lay out many songs at once:
+    each song must come out as `encode` makes it alone, its counts of merged and clamped notes too."""
+    tokenizer = SeedTokenizer(config)
+    files = [read_notes(path) for path in prompt_files + corpus_files]
+    files.insert(3, MidiNotes(480, *(np.zeros(0, dtype=np.int64),) * 3, time_signatures=[], tempos=[]))  # no notes
+    together = tokenizer.sparse_scores(files)
+    sequences = tokenizer.index_scores(together)
+    assert len(together) == len(sequences) == len(files)
+    for notes, sparse, sequence in zip(files, together, sequences):
+        alone = tokenizer.sparse_score(notes)
+        assert (sparse.merged_notes, sparse.clamped_notes) == (alone.merged_notes, alone.clamped_notes)
+        assert sparse.notes() == alone.notes() and sparse.grid.changes == alone.grid.changes
+        expected = tokenizer.encode(notes)
+        for name in ("tokens", "steps", "bars", "beats"):
+            np.testing.assert_array_equal(getattr(sequence, name), getattr(expected, name), err_msg=f"{notes.path}: {name}")
+    assert sequences[3].tokens.tolist() == [Vocab.SOS, Vocab.EOS]
+    assert tokenizer.sparse_scores([]) == tokenizer.index_scores([]) == []
+    # the songs have unisons to merge and (at 8 steps at most) notes to clamp: their counts were checked
+    assert any(s.merged_notes for s in together) == config.merge_unisons
+    assert any(s.clamped_notes for s in together) == (config.max_duration == 8)
 
 
 def test_inspection_helpers_render_the_scores() -> None:

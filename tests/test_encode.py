@@ -21,7 +21,6 @@ from midi_factory import make_score, million_note_score, write_score
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
 from midigen.codec import sandbox
-from midigen.codec.sandbox import EncodeResult
 from midigen.data import encode as encode_module
 from midigen.data.encode import encode_files, input_paths
 from midigen.data.store import TokenStore
@@ -66,6 +65,7 @@ def bad_inputs(tmp_path: Path, prompt_files: list[Path], million_note_file: Path
         "no notes": write_score(folder / "silent.mid", make_score([[]])),
         "only drums": write_score(folder / "drums.mid", make_score([], drum_tracks=[[(0, 36, 1), (4, 38, 1)]])),
         "hour-long note": write_score(folder / "drone.mid", make_score([[(0, 48, 8 * 120 * 60), (2, 60, 4)]])),
+        "beyond the grid": write_score(folder / "late.mid", make_score([[(0, 60, 4), (2**25, 62, 4)]], ticks_per_step=1)),
         "million notes": million_note_file,
         "missing": folder / "missing.mid",
         "symlink loop": folder / "loop.mid",
@@ -87,6 +87,7 @@ EXPECTED_REASONS = {
     "only drums": "only drum notes (drums are dropped)",
     "missing": "no such file",
     "symlink loop": "cannot read: ",
+    "beyond the grid": "timing out of range: notes beyond step 16777216 or before 0",
 }
 
 
@@ -107,6 +108,19 @@ def test_bad_inputs_are_skipped_with_their_reason(tmp_path: Path, bad_inputs: di
     assert drone.notes() == {(0, 48, store.config.max_duration), (2, 60, 4)}  # the hour is clamped
 
 
+def test_a_file_that_fails_when_tokenised_together_fails_alone(bad_inputs: dict[str, Path]) -> None:
+    """Files are parsed one by one, then tokenised together: a file that fails there is skipped, not its batch."""
+    names = ("good", "beyond the grid", "hour-long note", "no notes", "million notes")
+    tokenizer = SeedTokenizer()
+    results = sandbox.encode_together([str(bad_inputs[name]) for name in names], tokenizer)
+    assert results[1] == sandbox.Skip(EXPECTED_REASONS["beyond the grid"])
+    assert results[3] == sandbox.Skip("no notes")
+    for name, result in zip(names, results):
+        if name in ("good", "hour-long note", "million notes"):
+            assert isinstance(result, sandbox.EncodedSong)
+            np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(bad_inputs[name]).tokens)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
     path = write_score(tmp_path / "locked.mid", make_score([MELODY]))
@@ -115,19 +129,19 @@ def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
     assert summary.skipped_now == [(str(path), "permission denied")]
 
 
-def fail_on(name: str, failure: str) -> Callable[[str, SeedTokenizer], EncodeResult]:
-    """A stand-in for `sandbox.encode_one` that crashes or hangs on the file called `name`."""
-    real_encode_one = sandbox.encode_one
+def fail_on(name: str, failure: str) -> Callable[[str, bool], sandbox.ParsedFile | sandbox.Skip]:
+    """A stand-in for `sandbox.parse_one` that crashes or hangs on the file called `name`."""
+    real_parse_one = sandbox.parse_one
 
-    def encode_one(path: str, tokenizer: SeedTokenizer) -> EncodeResult:
+    def parse_one(path: str, keep_drums: bool) -> sandbox.ParsedFile | sandbox.Skip:
         if Path(path).name == name:
             if failure == "crash":
                 faulthandler.disable()  # pytest's handler would print the crash; a parser's crash is silent
                 os.kill(os.getpid(), signal.SIGSEGV)
             time.sleep(60)
-        return real_encode_one(path, tokenizer)
+        return real_parse_one(path, keep_drums)
 
-    return encode_one
+    return parse_one
 
 
 @pytest.mark.parametrize(("failure", "reason"), [("crash", "parser crashed: SIGSEGV"), ("hang", "timed out: no result after 1 s")])
@@ -138,7 +152,7 @@ def test_crashed_or_hung_parser_skips_only_its_file(
 ) -> None:
     # the forked workers inherit the stand-in
     victim = prompt_files[victim_index]
-    monkeypatch.setattr(sandbox, "encode_one", fail_on(victim.name, failure))
+    monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, failure))
     summary = encode_files(prompt_files, tmp_path / "store", workers=2, timeout_s=1, progress=False)
     assert summary.skipped_now == [(str(victim), reason)]
     assert multiprocessing.active_children() == []  # every worker, the failed one included, has been reaped
@@ -153,7 +167,7 @@ def test_a_crash_mid_chunk_blames_one_file_and_retries_the_rest(
     # one worker takes chunks of several files: the victims have files before and after them in theirs
     paths = [str(p) for p in copy_prompts(prompt_files, tmp_path, copies=2)]
     victim = Path(paths[13])  # and its copy, paths[32]
-    monkeypatch.setattr(sandbox, "encode_one", fail_on(victim.name, "crash"))
+    monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, "crash"))
     results = list(sandbox.encode_in_workers(paths, TokenizerConfig(), workers=1))
     assert [index for index, _ in results] == list(range(len(paths)))
     tokenizer = SeedTokenizer()
@@ -204,11 +218,11 @@ import sys, time
 from midigen.codec import sandbox
 from midigen.data import encode
 from midigen.cli.main import main
-real = sandbox.encode_one
-def slow(path, tokenizer):
+real = sandbox.parse_one
+def slow(path, keep_drums):
     time.sleep(0.02)
-    return real(path, tokenizer)
-sandbox.encode_one = slow
+    return real(path, keep_drums)
+sandbox.parse_one = slow
 encode.FLUSH_INTERVAL_S = 0  # write each song's row as soon as it is done
 sys.exit(main(sys.argv[1:]))
 """
@@ -238,7 +252,7 @@ HANGING_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
 from midigen.cli.main import main
-sandbox.encode_one = lambda path, tokenizer: time.sleep(600)
+sandbox.parse_one = lambda path, keep_drums: time.sleep(600)
 sys.exit(main(sys.argv[1:]))
 """
 

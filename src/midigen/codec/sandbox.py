@@ -5,10 +5,13 @@ malformed files) or make it spin, so files are encoded in worker processes under
 worker that dies or overruns its time is replaced, its file is reported with the reason, and the
 other files go on.
 
-Workers take files in chunks, so that messages cost little per file. Each worker publishes in shared
-memory which file of its chunk it is on and since when: a crash or a hang is pinned on that one file,
-and the rest of the chunk is handed out again. Results come back in input order, through a bounded
-reorder window, so memory stays flat however many files there are.
+Workers take files in chunks, so that messages cost little per file. A worker reads and parses the
+files of its chunk one at a time, publishing in shared memory which file it is on and since when: a
+crash or a hang is pinned on that one file, and the rest of the chunk is handed out again. The
+parsed files are then tokenised together (`SeedTokenizer.sparse_scores` and `index_scores`: one
+sort and a few array operations for all of them, a large part of the cost of a small file), in
+batches of bounded size. Results come back in input order, through a bounded reorder window, so
+memory stays flat however many files there are.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from midigen.codec.config import TokenizerConfig
-from midigen.codec.midi_io import first_tempo, read_midi_bytes, read_notes
+from midigen.codec.midi_io import MidiNotes, extract_notes, first_tempo, parse_midi, read_midi_bytes
 from midigen.codec.timing import BarGrid
 from midigen.codec.tokenizer import PACKED_BYTES_PER_TOKEN, SeedTokenizer, TokenSequence, unpack
 from midigen.errors import BadMidiError, MidigenError
@@ -38,6 +41,7 @@ from midigen.workers import death_reason, process_context
 
 DEFAULT_TIMEOUT_S = 120.0
 MAX_CHUNK = 32
+BATCH_NOTES = 2**18  # parsed notes a worker holds before tokenising them: bounds its memory
 POLL_S = 0.2
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -76,30 +80,79 @@ class Skip:
 EncodeResult = EncodedSong | Skip
 
 
-def encode_one(path: str, tokenizer: SeedTokenizer) -> EncodeResult:
-    """Encode one file in this process. Never raises: a failure is a `Skip`."""
+class ParsedFile(NamedTuple):
+    content_hash: str  # blake2b-128 of the file's bytes
+    notes: MidiNotes
+
+
+def parse_one(path: str, keep_drums: bool) -> ParsedFile | Skip:
+    """Read and parse one file: the part that may crash or hang on a malformed file. Never raises."""
     try:
         data = read_midi_bytes(path)
-        notes = read_notes(data, tokenizer.config.keep_drums)
-        sparse = tokenizer.sparse_score(notes)
-        sequence = tokenizer.index_score(tokenizer.position_score(sparse))
-    except BadMidiError as exc:
+        notes = extract_notes(parse_midi(data, path), keep_drums, path)
+    except Exception as exc:  # every failure, expected or not, becomes the file's reason
+        return skip_for(exc)
+    return ParsedFile(hashlib.blake2b(data, digest_size=16).hexdigest(), notes)
+
+
+def encode_together(paths: Sequence[str], tokenizer: SeedTokenizer,
+                    on_file: Callable[[int], None] = lambda position: None) -> list[EncodeResult]:
+    """Encode files in this process: each parsed on its own (`on_file(position)` before it, for a
+    watchdog), then tokenised together in batches. Never raises: a failure is that file's `Skip`."""
+    results: list[EncodeResult | None] = [None] * len(paths)
+    batch: list[tuple[int, ParsedFile]] = []
+    notes = 0
+    for position, path in enumerate(paths):
+        on_file(position)
+        parsed = parse_one(path, tokenizer.config.keep_drums)
+        if isinstance(parsed, Skip):
+            results[position] = parsed
+            continue
+        batch.append((position, parsed))
+        notes += len(parsed.notes)
+        if notes >= BATCH_NOTES:  # right after the file that fills it, which the watchdog still blames
+            _tokenise(batch, tokenizer, results)
+            batch, notes = [], 0
+    _tokenise(batch, tokenizer, results)
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]
+
+
+def _tokenise(batch: list[tuple[int, ParsedFile]], tokenizer: SeedTokenizer, results: list[EncodeResult | None]) -> None:
+    """Tokenise parsed files together; if that fails, each alone, so that a failure is one file's."""
+    if not batch:
+        return
+    try:
+        sparse = tokenizer.sparse_scores([parsed.notes for _, parsed in batch])
+        sequences = tokenizer.index_scores(sparse)
+    except Exception as exc:
+        if len(batch) == 1:
+            results[batch[0][0]] = skip_for(exc)
+        else:
+            for item in batch:
+                _tokenise([item], tokenizer, results)
+        return
+    for (position, parsed), score, sequence in zip(batch, sparse, sequences):
+        results[position] = EncodedSong(
+            content_hash=parsed.content_hash,
+            notes=len(parsed.notes),
+            merged=score.merged_notes,
+            clamped=score.clamped_notes,
+            tempo_qpm=first_tempo(parsed.notes, tokenizer.config.tempo_qpm),
+            time_signatures=tuple((c.step, c.numerator, c.denominator) for c in score.grid.changes),
+            packed=sequence.pack(),
+        )
+
+
+def skip_for(exc: BaseException) -> Skip:
+    """The one-line reason a file could not be encoded."""
+    if isinstance(exc, BadMidiError):
         return Skip(exc.reason)
-    except MidigenError as exc:
+    if isinstance(exc, MidigenError):
         return Skip(str(exc))
-    except MemoryError:
+    if isinstance(exc, MemoryError):
         return Skip("out of memory while encoding")
-    except Exception as exc:  # a bug or an exotic file: report it and keep the batch going
-        return Skip(f"error: {type(exc).__name__}: {first_line(str(exc))}")
-    return EncodedSong(
-        content_hash=hashlib.blake2b(data, digest_size=16).hexdigest(),
-        notes=len(notes),
-        merged=sparse.merged_notes,
-        clamped=sparse.clamped_notes,
-        tempo_qpm=first_tempo(notes, tokenizer.config.tempo_qpm),
-        time_signatures=tuple((c.step, c.numerator, c.denominator) for c in sparse.grid.changes),
-        packed=sequence.pack(),
-    )
+    return Skip(f"error: {type(exc).__name__}: {first_line(str(exc))}")  # a bug or an exotic file
 
 
 def first_line(text: str) -> str:
@@ -220,13 +273,12 @@ def _serve(conn: Connection, config: TokenizerConfig, progress: Any, parent: int
     gc.freeze()  # the garbage collector is not to walk (and so copy) every object inherited from the parent
     tokenizer = SeedTokenizer(config)
     try:
+        def on_file(position: int) -> None:
+            progress[1] = time.monotonic()  # the start time first: the parent reads them the other way round
+            progress[0] = position
+
         while (chunk := conn.recv()) is not None:
-            results = []
-            for position, path in enumerate(chunk):
-                progress[1] = time.monotonic()  # the start time first: the parent reads them the other way round
-                progress[0] = position
-                results.append(encode_one(path, tokenizer))
-            conn.send(results)
+            conn.send(encode_together(chunk, tokenizer, on_file))
     except (EOFError, OSError):
         pass  # the parent is gone
     os._exit(0)  # nothing to clean up: skip the interpreter's shutdown, which the parent would wait for

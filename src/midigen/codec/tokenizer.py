@@ -22,6 +22,7 @@ What the encoding loses, all of it:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,15 @@ GAP = -1  # pitch column value of a gap row in a position score
 DEFAULT_VELOCITY = 80
 MAX_SONG_STEPS = 2**24  # about 24 days at 120 qpm and 8 steps per quarter; steps are stored as uint32
 MAX_DENSE_CELLS = 50_000_000
-# Packed sort key of a note: step (up to MAX_SONG_STEPS), then 127 - pitch, then 0xFFFF - duration.
+# Packed sort key of a note: song (of a batch), then step (up to MAX_SONG_STEPS), then 127 - pitch,
+# then 0xFFFF - duration.
 KEY_PITCH_SHIFT = 16
 KEY_STEP_SHIFT = 23
+KEY_STEP_MASK = 2 * MAX_SONG_STEPS - 1  # steps go up to MAX_SONG_STEPS itself
+KEY_SONG_SHIFT = KEY_STEP_SHIFT + KEY_STEP_MASK.bit_length()
 KEY_DURATION_MASK = 0xFFFF
+MAX_BATCH_SONGS = 2 ** (63 - KEY_SONG_SHIFT)
+ROW_SONG = 3  # the song column of position rows built for a batch of songs
 
 
 @dataclass
@@ -145,9 +151,36 @@ class SeedTokenizer:
         """Quantise notes to the grid, sort them (step, highest pitch first, longest first) and, with
         `merge_unisons`, keep only the longest of the notes of one pitch starting on the same step."""
         notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
-        onsets, durations, clamped = self.quantise(notes)
-        steps, pitches, durations, merged = sort_notes(onsets, notes.pitches, durations, self.config.merge_unisons)
-        return SparseScore(steps, pitches, durations, self.grid_of(notes), merged_notes=merged, clamped_notes=clamped)
+        return self.sparse_scores([notes])[0]
+
+    def sparse_scores(self, files: Sequence[MidiNotes]) -> list[SparseScore]:
+        """`sparse_score` of the notes of several files, sorted together: one sort and a few array
+        operations for all of them, which costs far less per file than one call each.
+
+        Raises `BadMidiError` naming the first file whose notes do not fit the grid.
+        """
+        if not files:
+            return []
+        if len(files) > MAX_BATCH_SONGS:
+            raise MidigenError(f"at most {MAX_BATCH_SONGS} files at once, got {len(files)}")
+        quantised = [self.quantise(notes) for notes in files]  # (onset steps, durations, notes clamped)
+        songs = np.repeat(np.arange(len(files), dtype=np.int64), [len(notes) for notes in files])
+        steps, pitches, durations, merged = sort_notes(
+            songs,
+            np.concatenate([onsets for onsets, _, _ in quantised]),
+            np.concatenate([notes.pitches for notes in files]),
+            np.concatenate([lengths for _, lengths, _ in quantised]),
+            self.config.merge_unisons,
+            len(files),
+        )
+        bounds = np.zeros(len(files) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(songs, minlength=len(files)) - merged, out=bounds[1:])
+        return [
+            SparseScore(steps[start:end], pitches[start:end], durations[start:end], self.grid_of(notes),
+                        merged_notes=int(merged_here), clamped_notes=clamped)
+            for notes, (_, _, clamped), merged_here, start, end
+            in zip(files, quantised, merged.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())
+        ]
 
     def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
         """Each note's onset step and duration in steps (1..max_duration), in input order, and how many
@@ -173,23 +206,7 @@ class SeedTokenizer:
     @staticmethod
     def position_score(sparse: SparseScore) -> PositionScore:
         """Sparse score → rows of (pitch, duration, step), with a gap row before each new onset group."""
-        steps = sparse.steps
-        previous = np.empty_like(steps)
-        previous[:1] = 0
-        previous[1:] = steps[:-1]
-        # a gap row, then a note row, for every note; the gap rows of notes that open no new group
-        # (steps are sorted, so a group opens where the step changes) are dropped
-        slots = np.empty((steps.size, 2, 3), dtype=np.int64)
-        slots[:, 0, PositionScore.PITCH] = GAP
-        np.subtract(steps, previous, out=slots[:, 0, PositionScore.DURATION])
-        slots[:, 0, PositionScore.STEP] = previous
-        slots[:, 1, PositionScore.PITCH] = sparse.pitches
-        slots[:, 1, PositionScore.DURATION] = sparse.durations
-        slots[:, 1, PositionScore.STEP] = steps
-        keep = np.empty((steps.size, 2), dtype=bool)
-        np.not_equal(steps, previous, out=keep[:, 0])
-        keep[:, 1] = True
-        return PositionScore(slots.reshape(-1, 3)[keep.ravel()], sparse.grid)
+        return PositionScore(position_rows(sparse.steps, sparse.pitches, sparse.durations), sparse.grid)
 
     def index_score(self, position: PositionScore) -> TokenSequence:
         """Position score → tokens: `<sos>`, an `n d` pair per note and a `<sep> d` pair per gap, `<eos>`.
@@ -197,23 +214,47 @@ class SeedTokenizer:
         Each token's step comes from its row: a pair's first token sits at the row's step, a gap's
         duration token where the gap ends (what `token_steps` derives from the tokens alone).
         """
+        tokens, steps, _ = self._token_arrays(position.rows, num_songs=1)
+        bars, beats = position.grid.locate(steps)
+        return TokenSequence(tokens, steps, bars, beats, position.grid)
+
+    def index_scores(self, scores: Sequence[SparseScore]) -> list[TokenSequence]:
+        """`index_score(position_score(score))` of each sparse score, computed together (see `sparse_scores`)."""
+        if not scores:
+            return []
+        songs = np.repeat(np.arange(len(scores), dtype=np.int64), [len(score) for score in scores])
+        rows = position_rows(*(np.concatenate([getattr(score, name) for score in scores])
+                               for name in ("steps", "pitches", "durations")), songs)
+        tokens, steps, bounds = self._token_arrays(rows, num_songs=len(scores))
+        sequences = []
+        for score, start, end in zip(scores, bounds[:-1].tolist(), bounds[1:].tolist()):
+            bars, beats = score.grid.locate(steps[start:end])
+            sequences.append(TokenSequence(tokens[start:end], steps[start:end], bars, beats, score.grid))
+        return sequences
+
+    def _token_arrays(self, rows: np.ndarray, num_songs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens and their steps for position rows of one song, or of several (their songs in column
+        `ROW_SONG`, in order), and where each song's tokens begin, plus the end (num_songs + 1,)."""
         vocab, max_dur = self.vocab, self.config.max_duration
-        rows = position.rows
         if int(rows[:, PositionScore.DURATION].max(initial=0)) > max_dur:  # notes are clamped: only gaps are this long
             rows = split_long_gaps(rows, max_dur)
         pitch, length, step = rows[:, PositionScore.PITCH], rows[:, PositionScore.DURATION], rows[:, PositionScore.STEP]
+        song = rows[:, ROW_SONG] if rows.shape[1] > ROW_SONG else np.zeros(pitch.size, dtype=np.int64)
+        bounds = np.zeros(num_songs + 1, dtype=np.int64)
+        np.cumsum(2 * np.bincount(song, minlength=num_songs) + 2, out=bounds[1:])  # <sos>, two per row, <eos>
+        firsts, lasts = bounds[:-1], bounds[1:] - 1
+        heads = 2 * np.arange(pitch.size) + 2 * song + 1  # each row's first token: songs before it add their <sos> <eos>
         is_gap = pitch == GAP
-        tokens = np.empty(2 * pitch.size + 2, dtype=np.int64)
-        tokens[0], tokens[-1] = Vocab.SOS, Vocab.EOS
-        tokens[1:-1:2] = np.where(is_gap, Vocab.SEP, vocab.note_offset + pitch)
-        tokens[2:-1:2] = vocab.duration_offset - 1 + length
+        tokens = np.empty(bounds[-1], dtype=np.int64)
+        tokens[heads] = np.where(is_gap, Vocab.SEP, vocab.note_offset + pitch)
+        tokens[heads + 1] = vocab.duration_offset - 1 + length
+        tokens[firsts], tokens[lasts] = Vocab.SOS, Vocab.EOS
         steps = np.empty_like(tokens)
-        steps[0] = 0
-        steps[1:-1:2] = step
-        np.add(step, length * is_gap, out=steps[2:-1:2])
-        steps[-1] = steps[-2]
-        bars, beats = position.grid.locate(steps)
-        return TokenSequence(tokens, steps, bars, beats, position.grid)
+        steps[heads] = step
+        steps[heads + 1] = step + length * is_gap
+        steps[firsts] = 0
+        steps[lasts] = steps[lasts - 1]  # after the <sos> assignment: a song without notes ends at step 0
+        return tokens, steps, bounds
 
     # ---- positions ----------------------------------------------------------------------------
     def token_steps(self, tokens: np.ndarray, start_step: int = 0, after_sep: bool = False) -> np.ndarray:
@@ -259,11 +300,12 @@ class SeedTokenizer:
         is_sep = heads == Vocab.SEP
         time = np.cumsum(np.where(is_sep, lengths, 0))
         is_note = ~is_sep
-        steps, pitches, durations, merged = sort_notes(time[is_note], heads[is_note] - vocab.note_offset, lengths[is_note],
-                                                       self.config.merge_unisons)
+        one_song = np.zeros(int(np.count_nonzero(is_note)), dtype=np.int64)
+        steps, pitches, durations, merged = sort_notes(one_song, time[is_note], heads[is_note] - vocab.note_offset,
+                                                       lengths[is_note], self.config.merge_unisons, num_songs=1)
         cfg = self.config
         grid = grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
-        return SparseScore(steps, pitches, durations, grid, merged_notes=merged)
+        return SparseScore(steps, pitches, durations, grid, merged_notes=int(merged[0]))
 
     def decode(
         self,
@@ -348,30 +390,64 @@ def overlap_layers(sparse: SparseScore) -> np.ndarray:
 
 
 def sort_notes(
-    steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray, merge_unisons: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Notes sorted by step, then highest pitch first, then longest first; with `merge_unisons`, of
-    several notes with the same step and pitch only the longest is kept.
-    Returns (steps, pitches, durations, number of notes dropped)."""
-    # one sort on a packed key: step, then pitch descending, then duration descending
-    key = np.sort((steps << KEY_STEP_SHIFT) | ((127 - pitches) << KEY_PITCH_SHIFT) | (KEY_DURATION_MASK - durations))
-    kept = key
+    songs: np.ndarray, steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray, merge_unisons: bool,
+    num_songs: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Notes of `num_songs` songs sorted by song, step, then highest pitch first, then longest first;
+    with `merge_unisons`, of several notes with the same song, step and pitch only the longest is kept.
+    Returns (steps, pitches, durations, number of notes dropped per song)."""
+    # one sort on a packed key: song, step, then pitch descending, then duration descending
+    key = np.sort((songs << KEY_SONG_SHIFT) | (steps << KEY_STEP_SHIFT) | ((127 - pitches) << KEY_PITCH_SHIFT)
+                  | (KEY_DURATION_MASK - durations))
+    kept, dropped = key, np.zeros(num_songs, dtype=np.int64)
     if merge_unisons:
-        step_and_pitch = key >> KEY_PITCH_SHIFT
+        song_step_pitch = key >> KEY_PITCH_SHIFT
         keep = np.empty(key.size, dtype=bool)
         keep[:1] = True
-        np.not_equal(step_and_pitch[1:], step_and_pitch[:-1], out=keep[1:])
+        np.not_equal(song_step_pitch[1:], song_step_pitch[:-1], out=keep[1:])
         kept = key[keep]
+        dropped = np.bincount(key[~keep] >> KEY_SONG_SHIFT, minlength=num_songs)
     return (
-        kept >> KEY_STEP_SHIFT,
+        (kept >> KEY_STEP_SHIFT) & KEY_STEP_MASK,
         127 - ((kept >> KEY_PITCH_SHIFT) & 127),
         KEY_DURATION_MASK - (kept & KEY_DURATION_MASK),
-        int(key.size - kept.size),
+        dropped,
     )
 
 
+def position_rows(steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray,
+                  songs: np.ndarray | None = None) -> np.ndarray:
+    """Rows of (pitch, duration, step) of sorted notes, with a gap row before each new onset group.
+
+    With `songs` (the notes of several songs, sorted by song first), a fourth column (`ROW_SONG`)
+    holds each row's song, and every song starts at step 0.
+    """
+    previous = np.empty_like(steps)
+    previous[:1] = 0
+    previous[1:] = steps[:-1]
+    columns = 3
+    if songs is not None:
+        previous[1:][songs[1:] != songs[:-1]] = 0
+        columns = 4
+    # a gap row, then a note row, for every note; the gap rows of notes that open no new group
+    # (steps are sorted, so a group opens where the step changes) are dropped
+    slots = np.empty((steps.size, 2, columns), dtype=np.int64)
+    slots[:, 0, PositionScore.PITCH] = GAP
+    np.subtract(steps, previous, out=slots[:, 0, PositionScore.DURATION])
+    slots[:, 0, PositionScore.STEP] = previous
+    slots[:, 1, PositionScore.PITCH] = pitches
+    slots[:, 1, PositionScore.DURATION] = durations
+    slots[:, 1, PositionScore.STEP] = steps
+    if songs is not None:
+        slots[:, :, ROW_SONG] = songs[:, None]
+    keep = np.empty((steps.size, 2), dtype=bool)
+    np.not_equal(steps, previous, out=keep[:, 0])
+    keep[:, 1] = True
+    return slots.reshape(-1, columns)[keep.ravel()]
+
+
 def split_long_gaps(rows: np.ndarray, max_dur: int) -> np.ndarray:
-    """Position rows (R, 3) with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
+    """Position rows (R, 3 or 4) with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
     length, is_gap = rows[:, PositionScore.DURATION], rows[:, PositionScore.PITCH] == GAP
     pieces = np.where(is_gap, -(-length // max_dur), 1)
     row = np.repeat(np.arange(rows.shape[0]), pieces)
