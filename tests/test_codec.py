@@ -185,6 +185,9 @@ def test_files_encoded_together_equal_files_encoded_alone(prompt_files: list[Pat
             np.testing.assert_array_equal(getattr(sequence, name), getattr(expected, name), err_msg=f"{notes.path}: {name}")
     assert sequences[3].tokens.tolist() == [Vocab.SOS, Vocab.EOS]
     assert tokenizer.sparse_scores([]) == tokenizer.index_scores([]) == []
+    late = MidiNotes(1, np.array([0, 2**23]), np.array([1, 1]), np.array([60, 62]), [], [], path="late.mid")
+    with pytest.raises(BadMidiError, match="^late.mid: timing out of range"):
+        tokenizer.sparse_scores([files[0], late, *files[1:]])
     # the songs have unisons to merge and (at 8 steps at most) notes to clamp: their counts were checked
     assert any(s.merged_notes for s in together) == config.merge_unisons
     assert any(s.clamped_notes for s in together) == (config.max_duration == 8)

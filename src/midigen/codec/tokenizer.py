@@ -163,35 +163,43 @@ class SeedTokenizer:
             return []
         if len(files) > MAX_BATCH_SONGS:
             raise MidigenError(f"at most {MAX_BATCH_SONGS} files at once, got {len(files)}")
-        quantised = [self.quantise(notes) for notes in files]  # (onset steps, durations, notes clamped)
-        songs = np.repeat(np.arange(len(files), dtype=np.int64), [len(notes) for notes in files])
+        counts = [len(notes) for notes in files]
+        songs = np.repeat(np.arange(len(files), dtype=np.int64), counts)
+        onsets, durations, clamped = self._quantise(files, songs, counts)
         steps, pitches, durations, merged = sort_notes(
-            songs,
-            np.concatenate([onsets for onsets, _, _ in quantised]),
-            np.concatenate([notes.pitches for notes in files]),
-            np.concatenate([lengths for _, lengths, _ in quantised]),
-            self.config.merge_unisons,
+            songs, onsets, np.concatenate([notes.pitches for notes in files]), durations, self.config.merge_unisons,
             len(files),
         )
         bounds = np.zeros(len(files) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(songs, minlength=len(files)) - merged, out=bounds[1:])
+        np.cumsum(np.asarray(counts) - merged, out=bounds[1:])
         return [
             SparseScore(steps[start:end], pitches[start:end], durations[start:end], self.grid_of(notes),
-                        merged_notes=int(merged_here), clamped_notes=clamped)
-            for notes, (_, _, clamped), merged_here, start, end
-            in zip(files, quantised, merged.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())
+                        merged_notes=merged_here, clamped_notes=clamped_here)
+            for notes, merged_here, clamped_here, start, end
+            in zip(files, merged.tolist(), clamped.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())
         ]
 
     def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
         """Each note's onset step and duration in steps (1..max_duration), in input order, and how many
         notes were shortened to max_duration."""
+        onsets, durations, clamped = self._quantise([notes], np.zeros(len(notes), dtype=np.int64), [len(notes)])
+        return onsets, durations, int(clamped[0])
+
+    def _quantise(self, files: Sequence[MidiNotes], songs: np.ndarray,
+                  counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`quantise` of the notes of several files (each note's file in `songs`), one after the other;
+        notes clamped per file."""
         cfg = self.config
-        spq, tpq = cfg.steps_per_quarter, notes.ticks_per_quarter
-        onsets = ticks_to_steps(notes.onsets, spq, tpq)
-        if onsets.size and (onsets.min() < 0 or onsets.max() > MAX_SONG_STEPS):
-            raise BadMidiError(notes.path, f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
-        lengths = ticks_to_steps(notes.onsets + notes.durations, spq, tpq) - onsets
-        clamped = int(np.count_nonzero(lengths > cfg.max_duration))
+        spq = cfg.steps_per_quarter
+        tpq = np.repeat(np.array([notes.ticks_per_quarter for notes in files], dtype=np.int64), counts)
+        ticks = np.concatenate([notes.onsets for notes in files])
+        onsets = ticks_to_steps(ticks, spq, tpq)
+        out_of_range = (onsets < 0) | (onsets > MAX_SONG_STEPS)
+        if out_of_range.any():
+            raise BadMidiError(files[int(songs[out_of_range.argmax()])].path,
+                               f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
+        lengths = ticks_to_steps(ticks + np.concatenate([notes.durations for notes in files]), spq, tpq) - onsets
+        clamped = np.bincount(songs[lengths > cfg.max_duration], minlength=len(files))
         return onsets, np.minimum(np.maximum(lengths, 1), cfg.max_duration), clamped
 
     def grid_of(self, notes: MidiNotes) -> BarGrid:
