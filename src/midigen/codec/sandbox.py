@@ -250,7 +250,7 @@ class _ChunkQueue:
         if self.returned:
             return self.returned.popleft()
         # smaller chunks towards the end keep every worker busy until the last file
-        size = max(1, min(MAX_CHUNK, (self.total - self.next) // (4 * self.workers)))
+        size = max(1, min(MAX_CHUNK, (self.total - self.next) // (2 * self.workers)))
         end = min(self.next + size, self.total, below)
         chunk = list(range(self.next, end))
         self.next = max(self.next, end)
