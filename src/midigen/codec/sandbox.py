@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from midigen.codec.config import TokenizerConfig
-from midigen.codec.midi_io import MidiNotes, extract_notes, first_tempo, parse_midi, read_midi_bytes
+from midigen.codec.midi_io import MidiNotes, first_tempo, read_midi_bytes, read_notes
 from midigen.codec.timing import BarGrid
 from midigen.codec.tokenizer import PACKED_BYTES_PER_TOKEN, SeedTokenizer, TokenSequence, unpack
 from midigen.errors import BadMidiError, MidigenError
@@ -89,7 +89,7 @@ def parse_one(path: str, keep_drums: bool) -> ParsedFile | Skip:
     """Read and parse one file: the part that may crash or hang on a malformed file. Never raises."""
     try:
         data = read_midi_bytes(path)
-        notes = extract_notes(parse_midi(data, path), keep_drums, path)
+        notes = read_notes(data, keep_drums)
     except Exception as exc:  # every failure, expected or not, becomes the file's reason
         return skip_for(exc)
     return ParsedFile(hashlib.blake2b(data, digest_size=16).hexdigest(), notes)

@@ -164,8 +164,8 @@ class SeedTokenizer:
         if len(files) > MAX_BATCH_SONGS:
             raise MidigenError(f"at most {MAX_BATCH_SONGS} files at once, got {len(files)}")
         counts = [len(notes) for notes in files]
-        songs = np.repeat(np.arange(len(files), dtype=np.int64), counts)
-        onsets, durations, clamped = self._quantise(files, songs, counts)
+        songs = song_of_each(counts)
+        onsets, durations, clamped = self._quantise(files, songs)
         steps, pitches, durations, merged = sort_notes(
             songs, onsets, np.concatenate([notes.pitches for notes in files]), durations, self.config.merge_unisons,
             len(files),
@@ -182,16 +182,15 @@ class SeedTokenizer:
     def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
         """Each note's onset step and duration in steps (1..max_duration), in input order, and how many
         notes were shortened to max_duration."""
-        onsets, durations, clamped = self._quantise([notes], np.zeros(len(notes), dtype=np.int64), [len(notes)])
+        onsets, durations, clamped = self._quantise([notes], song_of_each([len(notes)]))
         return onsets, durations, int(clamped[0])
 
-    def _quantise(self, files: Sequence[MidiNotes], songs: np.ndarray,
-                  counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _quantise(self, files: Sequence[MidiNotes], songs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`quantise` of the notes of several files (each note's file in `songs`), one after the other;
         notes clamped per file."""
         cfg = self.config
         spq = cfg.steps_per_quarter
-        tpq = np.repeat(np.array([notes.ticks_per_quarter for notes in files], dtype=np.int64), counts)
+        tpq = np.array([notes.ticks_per_quarter for notes in files], dtype=np.int64)[songs]
         ticks = np.concatenate([notes.onsets for notes in files])
         onsets = ticks_to_steps(ticks, spq, tpq)
         out_of_range = (onsets < 0) | (onsets > MAX_SONG_STEPS)
@@ -230,7 +229,7 @@ class SeedTokenizer:
         """`index_score(position_score(score))` of each sparse score, computed together (see `sparse_scores`)."""
         if not scores:
             return []
-        songs = np.repeat(np.arange(len(scores), dtype=np.int64), [len(score) for score in scores])
+        songs = song_of_each([len(score) for score in scores])
         rows = position_rows(*(np.concatenate([getattr(score, name) for score in scores])
                                for name in ("steps", "pitches", "durations")), songs)
         tokens, steps, bounds = self._token_arrays(rows, num_songs=len(scores))
@@ -395,6 +394,11 @@ def overlap_layers(sparse: SparseScore) -> np.ndarray:
     result = np.empty_like(layers)
     result[order] = layers
     return result
+
+
+def song_of_each(counts: Sequence[int]) -> np.ndarray:
+    """For songs of `counts` notes laid one after the other, the song of each note."""
+    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
 
 def sort_notes(
