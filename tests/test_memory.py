@@ -3,6 +3,7 @@ when generating, and every memory mode through train → resume → generate."""
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from midigen.generation.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model import memory as memory_module
 from midigen.model.memory import KnnMemory, MemoryState, announce_search
+from midigen.model.transformer import Neighbours
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import load_trained, train
 
@@ -79,7 +81,8 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(
             written[lane].append(keys[lane][:, valid[lane]])
             values_written[lane].append(values[lane][:, valid[lane]])
     queries = torch.nn.functional.normalize(torch.randn(lanes, heads, 7, dim), dim=-1)
-    found_keys, found_values, found_valid = memory.search(queries)
+    found = memory.search(queries)
+    found_keys, found_values = found.keys[found.rows], found.values[found.rows]  # (B, H, T, K, D)
     for lane in range(lanes):
         newest_keys = torch.cat(written[lane], 1)[:, -capacity:]  # FIFO: exactly the newest entries survive
         newest_values = torch.cat(values_written[lane], 1)[:, -capacity:]
@@ -87,8 +90,9 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(
         scores = torch.einsum("htd,hcd->htc", queries[lane], newest_keys)
         best = scores.topk(k, dim=-1)
         expected_values = newest_values[torch.arange(heads).view(-1, 1, 1), best.indices]
-        assert found_valid[lane].all()
+        assert found.valid[lane].all()
         got = torch.einsum("htd,htkd->htk", queries[lane], found_keys[lane])
+        torch.testing.assert_close(found.scores[lane], got, atol=1e-5, rtol=0)  # the scores are the neighbours'
         order = got.argsort(dim=-1, descending=True)
         torch.testing.assert_close(got.gather(-1, order), best.values, atol=1e-5, rtol=0)
         torch.testing.assert_close(found_values[lane].gather(-2, order.unsqueeze(-1).expand(-1, -1, -1, dim)),
@@ -113,8 +117,9 @@ def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: st
     restored.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
     for _ in range(2):
         queries = torch.nn.functional.normalize(torch.randn(3, 2, 5, 8), dim=-1)
-        for a, b in zip(original.search(queries), restored.search(queries)):
-            assert torch.equal(a, b)
+        a, b = original.search(queries), restored.search(queries)
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.scores, b.scores)
+        assert torch.equal(a.keys[a.rows], b.keys[b.rows]) and torch.equal(a.values[a.rows], b.values[b.rows])
         keys, values, valid = segment()
         original.write(keys, values, valid)
         restored.write(keys, values, valid)
@@ -138,7 +143,7 @@ def test_knn_clear_forgets_one_lane_only() -> None:
     memory.write(torch.nn.functional.normalize(torch.randn(2, 1, 6, 4), dim=-1), torch.randn(2, 1, 6, 4),
                  torch.ones(2, 6, dtype=torch.bool))
     memory.clear(torch.tensor([True, False]))
-    _, _, valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 2, 4), dim=-1))
+    valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 2, 4), dim=-1)).valid
     assert not valid[0].any() and valid[1].all()
 
 
@@ -179,7 +184,7 @@ def test_memory_decoder_computes_what_training_computes(prompt_files: list[Path]
                      for t in range(21, 80)]
     torch.testing.assert_close(torch.stack(got), expected[20:], atol=1e-4, rtol=0)
     # of the five finished segments, the newest is in the XL window and the four before it in the kNN memory
-    assert int(decoder.memory.knn.written[0]) == 64
+    assert int(decoder.memory.knn.sizes()[0]) == 64
 
 
 def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -282,19 +287,23 @@ def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str) -> N
     memory = KnnMemory(2, 1, 4, 100, 8, torch.device("cpu"), backend)
     keys = torch.nn.functional.normalize(torch.randn(2, 1, 3, 4), dim=-1)
     memory.write(keys, torch.randn(2, 1, 3, 4), torch.tensor([[True] * 3, [True, False, False]]))
-    found_keys, _, valid = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 5, 4), dim=-1))
-    assert found_keys.shape == (2, 1, 5, 8, 4)
-    assert valid[0].sum(-1).eq(3).all() and valid[1].sum(-1).eq(1).all()
+    found = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 5, 4), dim=-1))
+    assert found.rows.shape == found.scores.shape == (2, 1, 5, 8)
+    assert found.valid[0].sum(-1).eq(3).all() and found.valid[1].sum(-1).eq(1).all()
+    assert found.scores[~found.valid].max() < -1e30  # only real entries have a score
 
 
 class FixedNeighbours:
-    """A retriever that hands back given neighbours, whatever the queries."""
+    """A retriever that hands back given neighbours (B, H, T, K, D), whatever the queries, scored against them."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        self.found = keys, values, valid
+        self.keys, self.values, self.valid = keys, values, valid
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.found
+    def search(self, queries: torch.Tensor) -> Neighbours:
+        D = queries.shape[-1]
+        rows = torch.arange(self.valid.numel()).view(self.valid.shape)  # neighbour i is row i of the stores
+        scores = torch.einsum("bhtd,bhtkd->bhtk", queries, self.keys)
+        return Neighbours(scores, rows, self.valid, self.keys.reshape(-1, D), self.values.reshape(-1, D))
 
 
 def test_retrieved_attention_is_a_gated_softmax_over_the_valid_neighbours() -> None:
@@ -333,6 +342,29 @@ def test_knn_memory_takes_the_tokens_that_leave_the_xl_window() -> None:
     with torch.no_grad():
         outputs = [memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16])
                    for s in (0, 16, 32)]
-    assert memory.knn is not None and memory.knn.written.tolist() == [32, 32]  # the newest segment is in XL only
+    assert memory.knn is not None and memory.knn.sizes().tolist() == [32, 32]  # the newest segment is in XL only
     left = torch.cat([outputs[0].present[layer].keys, outputs[1].present[layer].keys], dim=2)  # (B, H, 32, D)
     torch.testing.assert_close(memory.knn.keys[:, :, :32], torch.nn.functional.normalize(left, dim=-1))
+
+
+def test_a_write_that_evicts_the_neighbours_just_retrieved_leaves_the_gradients_alone() -> None:
+    """The kNN layer reads its neighbours from the store during the backward pass, after the segment was written."""
+    model = tiny("knn", context=16, knn_capacity=16)  # every segment written evicts all the store held
+    tokens, bars, beats = segment_inputs(65, B=2)
+    memory = MemoryState(model.config, 2, torch.device("cpu"))
+    with torch.no_grad():
+        for s in (0, 16, 32):
+            memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16])
+    untouched = copy.deepcopy(memory)
+    segment = tokens[:, 48:64], bars[:, 48:64], beats[:, 48:64]
+    memory.forward(model, *segment, targets=tokens[:, 49:65]).loss.backward()
+    assert memory.knn is not None and memory.knn.staged  # the segment is written, not yet stored
+    written_then = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(*segment, targets=tokens[:, 49:65], past=untouched.xl.past(), knn=untouched.knn).loss.backward()
+    assert written_then.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(written_then[name], p.grad, atol=0, rtol=0, msg=name)
+    assert memory.knn.sizes().tolist() == [16, 16] and not memory.knn.staged  # reading the store stores it:
+    assert memory.knn.written.tolist() == [48, 48]  # three segments have passed through a store of one

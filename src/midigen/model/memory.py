@@ -12,7 +12,8 @@ at a time, and the top k of each query kept in faiss's heaps (one multithreaded 
 On a GPU the memory lives there and torch's top-k selects, so nothing crosses to the CPU (GPU faiss
 is not used). faiss's IVF index, with one inverted list per (lane, head) and every query
 pre-assigned to its list, gives the same answer but scans each list once per query: 3-5 times
-slower here.
+slower here. A search hands back the rows of its neighbours in the store, not copies of them: the
+kNN layer reads them there, which is why writes wait until the store is next read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
-from midigen.model.transformer import KV, ModelOutput
+from midigen.model.transformer import KV, ModelOutput, Neighbours
 
 log = logging.getLogger(__name__)
 # scores per block (float32), which bounds memory; measured fastest: small blocks for faiss's heaps, which
@@ -93,38 +94,51 @@ class KnnMemory:
         self.capacity, self.top_k = capacity, top_k
         if backend == "auto":
             backend = "faiss" if device.type == "cpu" else "torch"
-        self.backend = backend
-        self.device = device if backend == "torch" else torch.device("cpu")
-        self.keys = torch.zeros(lanes, heads, capacity, head_dim, device=self.device)  # (B, H, C, D)
+        if backend == "faiss" and device.type != "cpu":
+            raise MidigenError(f"the faiss search runs on the CPU; a kNN memory on {device} searches with torch")
+        self.backend, self.device = backend, device
+        self.keys = torch.zeros(lanes, heads, capacity, head_dim, device=device)  # (B, H, C, D)
         self.values = torch.zeros_like(self.keys)
         self.written = torch.zeros(lanes, dtype=torch.long)  # entries ever written per lane (ring position)
-        announce_search(backend, self.device)
+        self.staged: list[tuple[Tensor, Tensor, Tensor]] = []  # written, not yet in the store
+        announce_search(backend, device)
 
     def sizes(self) -> Tensor:
+        self._store_staged()
         return self.written.clamp(max=self.capacity)
 
     def clear(self, lanes: Tensor) -> None:
+        self._store_staged()
         self.written[lanes.cpu()] = 0
 
     def write(self, keys: Tensor, values: Tensor, valid: Tensor) -> None:
-        """Append each lane's valid tokens: keys/values (B, H, T, D), valid (B, T). Keys are stored at unit length."""
-        keys = torch.nn.functional.normalize(keys.detach().to(self.device, torch.float32), dim=-1)
-        values = values.detach().to(self.device, torch.float32)
-        valid = valid.cpu()
-        for lane in range(self.lanes):
-            positions = torch.nonzero(valid[lane]).flatten()
-            if positions.numel() == 0:
-                continue
-            positions = positions[-self.capacity :]  # a segment longer than the store keeps its newest tokens
-            count = positions.numel()
-            slots = ((int(self.written[lane]) + torch.arange(count)) % self.capacity).to(self.device)
-            positions = positions.to(self.device)
-            self.keys[lane][:, slots] = keys[lane][:, positions]
-            self.values[lane][:, slots] = values[lane][:, positions]
-            self.written[lane] += count
+        """Append each lane's valid tokens: keys/values (B, H, T, D), valid (B, T). Keys are stored at unit length.
+
+        They reach the store when it is next read: until then the backward pass of the segment searched last
+        reads that segment's neighbours from the store (`Neighbours`), which evicting entries would change.
+        """
+        self.staged.append((keys.detach(), values.detach(), valid))
+
+    def _store_staged(self) -> None:
+        staged, self.staged = self.staged, []
+        for keys, values, valid in staged:
+            keys = torch.nn.functional.normalize(keys.to(self.device, torch.float32), dim=-1)
+            values = values.to(self.device, torch.float32)
+            valid = valid.cpu()
+            for lane in range(self.lanes):
+                positions = torch.nonzero(valid[lane]).flatten()
+                if positions.numel() == 0:
+                    continue
+                positions = positions[-self.capacity :]  # a segment longer than the store keeps its newest tokens
+                count = positions.numel()
+                slots = ((int(self.written[lane]) + torch.arange(count)) % self.capacity).to(self.device)
+                positions = positions.to(self.device)
+                self.keys[lane][:, slots] = keys[lane][:, positions]
+                self.values[lane][:, slots] = values[lane][:, positions]
+                self.written[lane] += count
 
     def state_dict(self) -> dict[str, Any]:
-        used = int(self.sizes().max())
+        used = int(self.sizes().max())  # stores what is staged first
         # copies of the filled slots only: torch.save would write a view's whole storage
         return {"written": self.written.clone(), "keys": self.keys[:, :, :used].clone().cpu(),
                 "values": self.values[:, :, :used].clone().cpu()}
@@ -134,28 +148,27 @@ class KnnMemory:
         if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3] != self.head_dim or keys.shape[2] > self.capacity:
             raise MidigenError(f"saved kNN memory of shape {tuple(keys.shape)} does not fit {tuple(self.keys.shape)}")
         used = keys.shape[2]
+        self.staged = []
         self.keys[:, :, :used] = keys.to(self.device)
         self.values[:, :, :used] = values.to(self.device)
         self.written = written.clone()
 
     @torch.compiler.disable  # host-side bookkeeping and a faiss call: torch.compile runs it as it is
-    def search(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """queries (B, H, T, D), unit length → keys, values (B, H, T, K, D) and valid (B, H, T, K)."""
+    def search(self, queries: Tensor) -> Neighbours:
+        """queries (B, H, T, D), unit length → the top k entries of each query's lane and head."""
+        self._store_staged()
         B, H, T, D = queries.shape
         k = min(self.top_k, self.capacity)
+        stores = self.keys.view(-1, D), self.values.view(-1, D)  # (B·H·C, D)
         if int(self.written.max()) == 0:
-            empty = queries.new_zeros(B, H, T, k, D)
-            return empty, empty, torch.zeros(B, H, T, k, dtype=torch.bool, device=queries.device)
+            nothing = torch.zeros(B, H, T, k, dtype=torch.long, device=self.device)
+            return Neighbours(nothing.float(), nothing, nothing.bool(), *stores)
         select = self._select_faiss if self.backend == "faiss" else self._select_torch
-        slots = select(self._score_blocks(queries), B * H * T, k).view(B, H, T, k)
-        valid = slots >= 0  # (B, H, T, K)
-        # whole rows of the (B·H·C, D) stores: far cheaper than an element-wise gather
-        lists = torch.arange(B * H, device=slots.device).view(B, H, 1, 1) * self.capacity
-        rows = (lists + slots.clamp(min=0)).flatten().to(self.device)
-        keys = self.keys.view(-1, D).index_select(0, rows).view(B, H, T, k, D)
-        values = self.values.view(-1, D).index_select(0, rows).view(B, H, T, k, D)
-        target = queries.device
-        return keys.to(target), values.to(target), valid.to(target)
+        scores, slots = select(self._score_blocks(queries), B * H * T, k)
+        slots = slots.view(B, H, T, k).to(self.device)
+        lists = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * self.capacity
+        rows = lists + slots.clamp(min=0)  # (B, H, T, K) rows of the (B·H·C, D) stores
+        return Neighbours(scores.view(B, H, T, k).to(self.device), rows, slots >= 0, *stores)
 
     def _score_blocks(self, queries: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Inner products with the stored keys, a block of slots at a time: (first slot, scores (B·H·T, S)).
@@ -177,8 +190,8 @@ class KnnMemory:
             yield first, scores.view(B * H * T, last - first)
 
     @staticmethod
-    def _select_faiss(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> Tensor:
-        """Top-k slots of each row with faiss's heaps (multithreaded C++), as its own exact search does."""
+    def _select_faiss(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k scores and slots of each row with faiss's heaps (multithreaded C++), as its own exact search does."""
         scores = np.empty((rows, k), dtype=np.float32)
         slots = np.empty((rows, k), dtype=np.int64)
         heaps = faiss.float_minheap_array_t()  # min-heaps keep the k largest inner products
@@ -187,11 +200,11 @@ class KnnMemory:
         for first, block in blocks:
             block = np.ascontiguousarray(block.numpy())
             heaps.addn(block.shape[1], faiss.swig_ptr(block), first)
-        return torch.from_numpy(slots)
+        return torch.from_numpy(scores), torch.from_numpy(slots)
 
     @staticmethod
-    def _select_torch(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> Tensor:
-        """Top-k slots of each row with torch (on the GPU, where the memory then lives), merged block by block."""
+    def _select_torch(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k scores and slots of each row with torch (on the GPU, where the memory then lives), merged block by block."""
         best: tuple[Tensor, Tensor] | None = None
         for first, block in blocks:
             top, slots = block.topk(min(k, block.shape[1]), dim=-1)
@@ -201,20 +214,22 @@ class KnnMemory:
                 top, order = top.topk(min(k, top.shape[1]), dim=-1)
                 slots = slots.gather(1, order)
             best = (top, slots)
-        slots = best[1]  # type: ignore[index]
-        return torch.nn.functional.pad(slots, (0, k - slots.shape[-1]), value=-1)  # fewer entries than k: none
+        top, slots = best  # type: ignore[misc]
+        missing = k - slots.shape[-1]  # fewer entries than k: none
+        return (torch.nn.functional.pad(top, (0, missing), value=float("-inf")),
+                torch.nn.functional.pad(slots, (0, missing), value=-1))
 
 
 class MemoryState:
     """The memories of a batch of lanes, for a model trained with `memory` = none, xl or knn."""
 
-    def __init__(self, config: ModelConfig, lanes: int, device: torch.device, knn_backend: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, lanes: int, device: torch.device) -> None:
         self.config, self.device = config, device
         self.xl = XLMemory(config.memory_length) if config.memory != "none" else None
         self.knn = None
         if config.memory == "knn":
             self.knn = KnnMemory(lanes, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k,
-                                 device, knn_backend)
+                                 device)
 
     def reset(self, lanes: Tensor) -> None:
         if self.xl is not None:

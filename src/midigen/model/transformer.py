@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,46 @@ class KV:
         return KV(self.keys[:, :, :count], self.values[:, :, :count], self.valid[:, :count])
 
 
+@dataclass
+class Neighbours:
+    """What a kNN search found for each query: rows of the stores, which the search leaves where they are."""
+
+    scores: Tensor  # (B, H, T, K) inner product of each (unit) query with each retrieved (unit) key
+    rows: Tensor  # (B, H, T, K) long: rows of `keys` and `values`; any row where `valid` is False
+    valid: Tensor  # (B, H, T, K) bool
+    keys: Tensor  # (R, D) the store of unit keys
+    values: Tensor  # (R, D) the store of values
+
+
 class Retriever(Protocol):
     """A kNN memory: for each query, the top-k stored keys/values of the same lane and head."""
 
-    def search(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """queries (B, H, T, D) → keys (B, H, T, K, D), values (B, H, T, K, D), valid (B, H, T, K)."""
+    def search(self, queries: Tensor) -> Neighbours:
+        """queries (B, H, T, D), unit length → their neighbours."""
         ...
+
+
+class RetrievedSimilarity(torch.autograd.Function):
+    """The similarity of each query with its neighbours, differentiable in the query.
+
+    The search has computed the inner products already; the backward pass sums the neighbours' keys weighted by
+    their gradients straight from the store (`embedding_bag`), so the (B, H, T, K, D) keys are never gathered:
+    gathering them took longer than the whole rest of the memory attention.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, queries: Tensor, found: Neighbours) -> Tensor:  # queries (B, H, T, D) → (B, H, T, K)
+        ctx.save_for_backward(found.rows, found.keys)
+        ctx.query_dtype = queries.dtype
+        return found.scores.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        rows, keys = ctx.saved_tensors
+        B, H, T, K = rows.shape
+        grad_queries = F.embedding_bag(rows.view(-1, K), keys, per_sample_weights=grad.reshape(-1, K).to(keys.dtype),
+                                       mode="sum")  # (B·H·T, D)
+        return grad_queries.view(B, H, T, -1).to(ctx.query_dtype), None
 
 
 def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
@@ -131,16 +165,19 @@ class Attention(nn.Module):
 
     def mix_memory(self, q: Tensor, local: Tensor, knn: Retriever, dropout: float) -> Tensor:
         """Attend over the retrieved neighbours, then gate: g·memory + (1 − g)·local."""
+        B, H, T, D = q.shape
         unit_q = F.normalize(q, dim=-1)
-        keys, values, valid = knn.search(unit_q.detach())  # (B, H, T, K, D) ×2, (B, H, T, K)
-        scores = torch.einsum("bhtd,bhtkd->bhtk", unit_q * self.log_temperature.exp(), keys)
-        scores = scores.masked_fill(~valid, float("-inf"))
+        found = knn.search(unit_q.detach())
+        scores = RetrievedSimilarity.apply(unit_q, found) * self.log_temperature.exp()  # (B, H, T, K)
+        scores = scores.masked_fill(~found.valid, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no memory yet gets zeros
         weights = F.dropout(weights, dropout, self.training)
-        memory = torch.einsum("bhtk,bhtkd->bhtd", weights, values)
-        has_memory = valid.any(dim=-1, keepdim=True)  # (B, H, T, 1)
+        K = weights.shape[-1]
+        memory = F.embedding_bag(found.rows.view(-1, K), found.values, per_sample_weights=weights.view(-1, K),
+                                 mode="sum").view(B, H, T, D)  # the weighted sum, read from the store in place
+        has_memory = found.valid.any(dim=-1, keepdim=True)  # (B, H, T, 1)
         gate = torch.sigmoid(self.gate) * has_memory
-        return gate * memory + (1 - gate) * local
+        return gate * memory.to(local.dtype) + (1 - gate) * local
 
 
 class Block(nn.Module):
