@@ -70,10 +70,10 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(
     memory = KnnMemory(lanes, heads, dim, capacity, k, torch.device("cpu"), backend)
     written: list[list[torch.Tensor]] = [[] for _ in range(lanes)]
     values_written: list[list[torch.Tensor]] = [[] for _ in range(lanes)]
-    for segment in range(4):
-        keys = torch.nn.functional.normalize(torch.randn(lanes, heads, 20, dim), dim=-1)
-        values = torch.randn(lanes, heads, 20, dim)
-        valid = torch.ones(lanes, 20, dtype=torch.bool)
+    for segment, length in enumerate((20, 20, 60, 20)):  # lane 0's third segment is longer than the store
+        keys = torch.nn.functional.normalize(torch.randn(lanes, heads, length, dim), dim=-1)
+        values = torch.randn(lanes, heads, length, dim)
+        valid = torch.ones(lanes, length, dtype=torch.bool)
         valid[1, 15:] = False  # padding is never stored
         valid[2] = segment < 2
         memory.write(keys, values, valid)
@@ -283,13 +283,16 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str) -> None:
+@pytest.mark.parametrize("stored", [3, 20])  # fewer slots in use than k, or more (one lane still has fewer entries)
+def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str, stored: int) -> None:
     memory = KnnMemory(2, 1, 4, 100, 8, torch.device("cpu"), backend)
-    keys = torch.nn.functional.normalize(torch.randn(2, 1, 3, 4), dim=-1)
-    memory.write(keys, torch.randn(2, 1, 3, 4), torch.tensor([[True] * 3, [True, False, False]]))
+    keys = torch.nn.functional.normalize(torch.randn(2, 1, stored, 4), dim=-1)
+    valid = torch.zeros(2, stored, dtype=torch.bool)
+    valid[0], valid[1, 0] = True, True
+    memory.write(keys, torch.randn(2, 1, stored, 4), valid)
     found = memory.search(torch.nn.functional.normalize(torch.randn(2, 1, 5, 4), dim=-1))
     assert found.rows.shape == found.scores.shape == (2, 1, 5, 8)
-    assert found.valid[0].sum(-1).eq(3).all() and found.valid[1].sum(-1).eq(1).all()
+    assert found.valid[0].sum(-1).eq(min(stored, 8)).all() and found.valid[1].sum(-1).eq(1).all()
     assert found.scores[~found.valid].max() < -1e30  # only real entries have a score
 
 

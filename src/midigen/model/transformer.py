@@ -94,6 +94,34 @@ class RetrievedSimilarity(torch.autograd.Function):
         return grad_queries.view(B, H, T, -1).to(ctx.query_dtype), None
 
 
+class RetrievedValues(torch.autograd.Function):
+    """The weighted sum of each query's neighbours' values, read from the store in place (`embedding_bag`).
+
+    Its backward pass dots each neighbour's value with the gradient: `embedding_bag`'s own makes a BLAS call per
+    neighbour, slower than gathering the values of a block of queries and multiplying them at once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, found: Neighbours) -> Tensor:  # weights (B, H, T, K) → (B, H, T, D)
+        B, H, T, K = weights.shape
+        ctx.save_for_backward(found.rows, found.values)
+        summed = F.embedding_bag(found.rows.view(-1, K), found.values, mode="sum",
+                                 per_sample_weights=weights.reshape(-1, K).to(found.values.dtype))  # (B·H·T, D)
+        return summed.view(B, H, T, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        rows, values = ctx.saved_tensors
+        B, H, T, K = rows.shape
+        rows, grad = rows.view(-1, K), grad.reshape(-1, values.shape[1], 1).to(values.dtype)  # (N, K), (N, D, 1)
+        grad_weights = torch.empty(rows.shape, dtype=values.dtype, device=values.device)
+        for first in range(0, rows.shape[0], 1024):  # blocks of 1,024 queries: a few MB of values at a time
+            block = slice(first, first + 1024)
+            neighbours = values.index_select(0, rows[block].flatten()).view(-1, K, values.shape[1])  # (n, K, D)
+            grad_weights[block] = torch.bmm(neighbours, grad[block]).squeeze(-1)
+        return grad_weights.view(B, H, T, K), None
+
+
 def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
     """T5 buckets for causal distances (>= 0): exact below num_buckets/2, logarithmic above."""
     distance = distance.clamp(min=0)
@@ -165,16 +193,13 @@ class Attention(nn.Module):
 
     def mix_memory(self, q: Tensor, local: Tensor, knn: Retriever, dropout: float) -> Tensor:
         """Attend over the retrieved neighbours, then gate: g·memory + (1 − g)·local."""
-        B, H, T, D = q.shape
         unit_q = F.normalize(q, dim=-1)
         found = knn.search(unit_q.detach())
         scores = RetrievedSimilarity.apply(unit_q, found) * self.log_temperature.exp()  # (B, H, T, K)
         scores = scores.masked_fill(~found.valid, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no memory yet gets zeros
         weights = F.dropout(weights, dropout, self.training)
-        K = weights.shape[-1]
-        memory = F.embedding_bag(found.rows.view(-1, K), found.values, per_sample_weights=weights.view(-1, K),
-                                 mode="sum").view(B, H, T, D)  # the weighted sum, read from the store in place
+        memory = RetrievedValues.apply(weights, found)  # (B, H, T, D)
         has_memory = found.valid.any(dim=-1, keepdim=True)  # (B, H, T, 1)
         gate = torch.sigmoid(self.gate) * has_memory
         return gate * memory.to(local.dtype) + (1 - gate) * local
