@@ -11,6 +11,7 @@ import torch
 from midigen.codec import TokenizerConfig
 from midigen.generation.generate import SlidingWindowDecoder
 from midigen.model import KV, ModelConfig, MusicTransformer
+from midigen.model import transformer as transformer_module
 from midigen.model.transformer import bucket_distances, relative_buckets, toeplitz
 from midigen.training.config import TrainConfig
 
@@ -136,6 +137,34 @@ def test_memory_keys_are_further_away_than_the_segment() -> None:
     assert diagonals.shape == (10,) and buckets[0, 0] == 5 and buckets[0, 5] == 0 and buckets[2, 0] == 7
     assert not allowed[0, 0, 0, :2].any()  # empty memory is masked out
     assert allowed[0, 0, 0, 2:6].all() and not allowed[0, 0, 0, 6:].any()  # causal inside the segment
+
+
+@pytest.mark.parametrize("lanes_per_call", [1, 2])
+@pytest.mark.parametrize("empty_memory", [False, True])
+def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
+    lanes_per_call: int, empty_memory: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU, attention whose bias needs gradients runs a few lanes per SDPA call: the same outputs and gradients."""
+    model = tiny()
+    B, T, P, H, D = 3, 8, 8, model.config.n_heads, model.config.head_dim
+    tokens, bars, beats = random_inputs(T + 1, B=B)
+    g = torch.Generator().manual_seed(2)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    if empty_memory:
+        valid[1, :3] = False  # a lane whose memory is partly empty: one mask per lane
+    past = [KV(torch.randn(B, H, P, D, generator=g), torch.randn(B, H, P, D, generator=g), valid)
+            for _ in range(model.config.n_layers)]
+    results = []
+    for scores_per_call in (B * H * T * (P + T), lanes_per_call * H * T * (P + T)):
+        monkeypatch.setattr(transformer_module, "CPU_MATH_SCORES", scores_per_call)
+        model.zero_grad()
+        output = model(tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:], past=past)
+        output.loss.backward()
+        results.append((output.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, grads), (split_logits, split_grads) = results
+    torch.testing.assert_close(split_logits, logits, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("field", ["dropout", "attn_dropout"])

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from midigen.model.config import ModelConfig
 
+CPU_MATH_SCORES = 2**21  # attention scores per SDPA call on CPU when they need gradients (measured fastest)
+
 
 @dataclass
 class KV:
@@ -185,7 +187,15 @@ class Attention(nn.Module):
         bias = toeplitz(self.rel_bias(buckets).t(), T, k.shape[2]).unsqueeze(0)  # (1, H, T, S)
         mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, T, S); bf16 under autocast
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
+        lanes = B  # lanes per call
+        if mask.requires_grad and q.device.type == "cpu":
+            # The bias's gradient sends SDPA on CPU to its math path, which builds (lanes, H, T, S) scores in memory:
+            # a few lanes at a time they stay in cache (the small preset with XL memory: 1.5x faster attention).
+            lanes = max(1, CPU_MATH_SCORES // mask[0].numel())
+        y = torch.cat([F.scaled_dot_product_attention(q[i : i + lanes], k[i : i + lanes], v[i : i + lanes],
+                                                      attn_mask=mask if mask.shape[0] == 1 else mask[i : i + lanes],
+                                                      dropout_p=dropout)
+                       for i in range(0, B, lanes)])  # (B, H, T, D)
         if knn is not None:
             y = self.mix_memory(q, y, knn, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
