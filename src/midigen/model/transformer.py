@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from midigen.model.config import ModelConfig
 
 CPU_MATH_SCORES = 2**21  # attention scores per SDPA call on CPU when they need gradients (measured fastest)
+GATHERED_QUERIES = 1024  # queries whose neighbours' values are gathered at once: a few MB
 
 
 @dataclass
@@ -117,8 +118,8 @@ class RetrievedValues(torch.autograd.Function):
         B, H, T, K = rows.shape
         rows, grad = rows.view(-1, K), grad.reshape(-1, values.shape[1], 1).to(values.dtype)  # (N, K), (N, D, 1)
         grad_weights = torch.empty(rows.shape, dtype=values.dtype, device=values.device)
-        for first in range(0, rows.shape[0], 1024):  # blocks of 1,024 queries: a few MB of values at a time
-            block = slice(first, first + 1024)
+        for first in range(0, rows.shape[0], GATHERED_QUERIES):
+            block = slice(first, first + GATHERED_QUERIES)
             neighbours = values.index_select(0, rows[block].flatten()).view(-1, K, values.shape[1])  # (n, K, D)
             grad_weights[block] = torch.bmm(neighbours, grad[block]).squeeze(-1)
         return grad_weights.view(B, H, T, K), None
