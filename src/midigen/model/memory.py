@@ -163,9 +163,11 @@ class KnnMemory:
         select = self._select_faiss if self.backend == "faiss" else self._select_torch
         scores, slots = select(self._score_blocks(queries), B * H * T, k)
         slots = slots.view(B, H, T, k).to(self.device)
+        valid = slots >= 0
         lists = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * self.capacity
         rows = lists + slots.clamp(min=0)  # (B, H, T, K) rows of the (B·H·C, D) stores
-        return Neighbours(scores.view(B, H, T, k).to(self.device), rows, slots >= 0, *stores)
+        scores = scores.view(B, H, T, k).to(self.device).masked_fill(~valid, 0.0)  # finite, or gradients turn NaN
+        return Neighbours(scores, rows, valid, *stores)
 
     def _score_blocks(self, queries: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Inner products with the stored keys, a block of slots at a time: (first slot, scores (B·H·T, S)).

@@ -59,7 +59,7 @@ class KV:
 class Neighbours:
     """What a kNN search found for each query: rows of the stores, which the search leaves where they are."""
 
-    scores: Tensor  # (B, H, T, K) inner product of each (unit) query with each retrieved (unit) key
+    scores: Tensor  # (B, H, T, K) inner product of each (unit) query with each retrieved (unit) key; 0 if not valid
     rows: Tensor  # (B, H, T, K) long: rows of `keys` and `values`; any row where `valid` is False
     valid: Tensor  # (B, H, T, K) bool
     keys: Tensor  # (R, D) the store of unit keys
