@@ -193,10 +193,11 @@ class Attention(nn.Module):
             # The bias's gradient sends SDPA on CPU to its math path, which builds (lanes, H, T, S) scores in memory:
             # a few lanes at a time they stay in cache (the small preset with XL memory: 1.5x faster attention).
             lanes = max(1, CPU_MATH_SCORES // mask[0].numel())
-        y = torch.cat([F.scaled_dot_product_attention(q[i : i + lanes], k[i : i + lanes], v[i : i + lanes],
-                                                      attn_mask=mask if mask.shape[0] == 1 else mask[i : i + lanes],
-                                                      dropout_p=dropout)
-                       for i in range(0, B, lanes)])  # (B, H, T, D)
+        parts = [F.scaled_dot_product_attention(q[i : i + lanes], k[i : i + lanes], v[i : i + lanes],
+                                                attn_mask=mask if mask.shape[0] == 1 else mask[i : i + lanes],
+                                                dropout_p=dropout)
+                 for i in range(0, B, lanes)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, H, T, D); one call needs no copy
         if knn is not None:
             y = self.mix_memory(q, y, knn, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
