@@ -59,12 +59,14 @@ def test_xl_segments_equal_one_forward_with_the_banded_mask() -> None:
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
-@pytest.mark.parametrize("slots_per_block", [None, 7])
+@pytest.mark.parametrize("slots_per_block", [None, 7, 13])
 def test_knn_search_equals_brute_force_and_keeps_the_newest(
     backend: str, slots_per_block: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if slots_per_block is not None:  # a store searched in several blocks, whose top-k are merged
-        monkeypatch.setitem(memory_module.SCORE_BLOCK_ELEMENTS, backend, 3 * 2 * 7 * slots_per_block)
+    # a store searched in several blocks, whose top-k are merged; faiss's heaps start from a floor found in a first
+    # block of at least 2k + 1 slots (13), or from nothing (7)
+    if slots_per_block is not None:
+        monkeypatch.setattr(memory_module, "SCORE_BLOCK_ELEMENTS", 3 * 2 * 7 * slots_per_block)
     torch.manual_seed(0)
     lanes, heads, dim, capacity, k = 3, 2, 8, 50, 5
     memory = KnnMemory(lanes, heads, dim, capacity, k, torch.device("cpu"), backend)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from midigen.data.batching import RandomChunks, SongLanes
 from midigen.errors import MidigenError
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
+from midigen.training.host_memory import keep_freed_memory
 from midigen.training.recipe import load_trained, train
 from midigen.training.trainer import learning_rate
 
@@ -108,6 +110,11 @@ def test_per_head_settings_are_not_weight_decayed(prompt_store: Path, tmp_path: 
     knn = f"blocks.{model.knn_layer_index}.attn"
     assert decay_of[id(params[f"{knn}.log_temperature"])] == decay_of[id(params[f"{knn}.gate"])] == 0.0
     assert decay_of[id(params[f"{knn}.qkv.weight"])] == decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.1
+
+
+def test_cpu_training_keeps_freed_memory_where_the_c_library_is_glibc() -> None:
+    # True only if glibc took both settings: a value out of its range is refused
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_learning_rate_warms_up_then_decays() -> None:

@@ -33,15 +33,42 @@ from midigen.model.config import ModelConfig
 from midigen.model.transformer import KV, ModelOutput, Neighbours
 
 log = logging.getLogger(__name__)
-# scores per block (float32), which bounds memory; measured fastest: small blocks for faiss's heaps, which
-# then work in cache, large ones for torch's topk, since each block's top k are merged with a further topk
-SCORE_BLOCK_ELEMENTS = {"faiss": 2**22, "torch": 2**24}
+# scores per block (float32, 64 MB), which bounds memory. Large blocks search fastest: torch merges each block's
+# top k with a further topk, and faiss's heaps start from a floor found in the first block (`score_floor`)
+SCORE_BLOCK_ELEMENTS = 2**24
 
 
 @functools.cache
 def announce_search(backend: str, device: torch.device) -> None:
     """Say once per process, not at every validation, which search the kNN memory uses."""
     log.info("kNN memory: exact search with %s on %s", backend, device)
+
+
+def min_heaps(rows: int, k: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """faiss's min-heaps of k (score, id) entries per row over new arrays, every entry empty (score −inf, id −1)."""
+    scores = np.empty((rows, k), dtype=np.float32)
+    ids = np.empty((rows, k), dtype=np.int64)
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = rows, k, faiss.swig_ptr(scores), faiss.swig_ptr(ids)
+    heaps.heapify()
+    return scores, ids, heaps
+
+
+def score_floor(block: Tensor, k: int) -> np.ndarray:
+    """A score that at least k entries of each row of `block` (rows, S) reach: the k-th largest of the maxima of
+    2k + 1 groups of slots (rows, 1).
+
+    Heaps started just below it take in only the entries above it: most of their time went on entries that later
+    ones pushed out again. Slot s is in group s mod G, so that the maxima are one vectorised pass; G is odd, so that
+    a memory that repeats every 2^n tokens does not put the copies of one token in one group.
+    """
+    rows, width = block.shape
+    groups = 2 * k + 1
+    maxima = block[:, : width // groups * groups].view(rows, -1, groups).amax(1)  # (rows, G)
+    maxima = np.ascontiguousarray(maxima.numpy())
+    top, _, heaps = min_heaps(rows, k)
+    heaps.addn(groups, faiss.swig_ptr(maxima), 0)
+    return top[:, :1]  # each heap's root: the least of the k largest maxima
 
 
 class XLMemory:
@@ -178,7 +205,7 @@ class KnnMemory:
         queries = queries.detach().to(self.device, torch.float32).reshape(B * H, T, D)
         sizes = self.sizes().tolist()
         used = max(sizes)  # slots past every lane's size hold nothing
-        block = max(1, SCORE_BLOCK_ELEMENTS[self.backend] // (B * H * T))
+        block = max(1, SCORE_BLOCK_ELEMENTS // (B * H * T))
         for first in range(0, used, block):
             last = min(used, first + block)
             keys = self.keys[:, :, first:last].reshape(B * H, last - first, D)
@@ -191,18 +218,10 @@ class KnnMemory:
     @staticmethod
     def _select_faiss(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> tuple[Tensor, Tensor]:
         """Top-k scores and slots of each row with faiss's heaps (multithreaded C++), as its own exact search does."""
-        scores = np.empty((rows, k), dtype=np.float32)
-        slots = np.empty((rows, k), dtype=np.int64)
-        heaps = faiss.float_minheap_array_t()  # min-heaps keep the k largest inner products
-        heaps.nh, heaps.k, heaps.val, heaps.ids = rows, k, faiss.swig_ptr(scores), faiss.swig_ptr(slots)
-        heaps.heapify()  # every row starts with k empty entries (slot −1), which −inf scores never displace
+        scores, slots, heaps = min_heaps(rows, k)  # min-heaps keep the k largest inner products
         for first, block in blocks:
-            if first == 0 and block.shape[1] >= k:
-                # Most of the heaps' time goes on insertions. The least of the maxima of k groups of slots is
-                # reached by k entries, so the empty entries may start just below it: fewer enter (-20% time).
-                group = block.shape[1] // k
-                reached = block[:, : k * group].view(rows, k, group).amax(-1).amin(-1, keepdim=True).numpy()
-                scores[:] = np.nextafter(reached, np.float32(-np.inf))
+            if first == 0 and block.shape[1] >= 2 * k + 1:
+                scores[:] = np.nextafter(score_floor(block, k), np.float32(-np.inf))
             block = np.ascontiguousarray(block.numpy())
             heaps.addn(block.shape[1], faiss.swig_ptr(block), first)
         return torch.from_numpy(scores), torch.from_numpy(slots)

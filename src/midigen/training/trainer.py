@@ -27,6 +27,7 @@ from midigen.errors import MidigenError
 from midigen.io_utils import atomic_path
 from midigen.training.config import TrainConfig
 from midigen.training.distributed import Distributed
+from midigen.training.host_memory import keep_freed_memory
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -111,6 +112,8 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.config, self.dist, self.run_dir = config, dist, Path(run_dir)
+        if dist.device.type == "cpu":
+            keep_freed_memory()
         self.model = model.to(dist.device)
         self.batches, self.loss_fn, self.evaluate = batches, loss_fn, evaluate
         self.saved_configs = saved_configs
