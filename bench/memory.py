@@ -181,19 +181,19 @@ def step_times(config_of, lanes: int, store: TokenStore, rounds: int) -> dict[st
     modes take one step each, so that load from elsewhere on the machine hits them alike.
     """
     keep_freed_memory()  # as the trainer does on CPU
+    context = config_of("none").context  # the modes differ in memory only
+    data, songs = pieces_for_steps(store, lanes, context)
+    *warmup, last, timed = [data.gather(songs, np.full(len(songs), i * context), context + 1)
+                            for i in range(MEMORY_TOKENS // context + 1)]
+    same_song = torch.zeros(lanes, dtype=torch.bool)
     steps, restores = {}, {}
     for mode in MODES:
         torch.manual_seed(0)
         model = MusicTransformer(config_of(mode)).train()
-        context = model.config.context
-        data, songs = pieces_for_steps(store, lanes, context)
-        segments = [data.gather(songs, np.full(len(songs), i * context), context + 1)
-                    for i in range(MEMORY_TOKENS // context + 1)]
         memory = MemoryState(model.config, lanes, torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        same_song = torch.zeros(lanes, dtype=torch.bool)
 
-        def step(batch, model=model, memory=memory, optimizer=optimizer, same_song=same_song):  # noqa: ANN001, ANN202
+        def step(batch, model=model, memory=memory, optimizer=optimizer):  # noqa: ANN001, ANN202
             tokens = batch["tokens"]
             output = memory.forward(model, tokens[:, :-1], batch["bars"][:, :-1], batch["beats"][:, :-1],
                                     targets=tokens[:, 1:], new_song=same_song)
@@ -202,13 +202,12 @@ def step_times(config_of, lanes: int, store: TokenStore, rounds: int) -> dict[st
             optimizer.zero_grad(set_to_none=True)
             return output.present
 
-        *warmup, last, timed = segments
         for batch in warmup:
             step(batch)
         before_last = memory.state_dict()
         present = step(last)
 
-        def restore(memory=memory, state=before_last, present=present, last=last) -> None:  # noqa: ANN001
+        def restore(memory=memory, state=before_last, present=present) -> None:  # noqa: ANN001
             memory.load_state_dict(state)
             memory.remember(present, last["tokens"][:, :-1] != 0)
 

@@ -113,7 +113,7 @@ def test_per_head_settings_are_not_weight_decayed(prompt_store: Path, tmp_path: 
 
 
 def test_cpu_training_keeps_freed_memory_where_the_c_library_is_glibc() -> None:
-    # True only if glibc took both settings: a value out of its range is refused
+    # True only where the C library has mallopt and took both settings
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 

@@ -54,9 +54,9 @@ def min_heaps(rows: int, k: int) -> tuple[np.ndarray, np.ndarray, Any]:
     return scores, ids, heaps
 
 
-def score_floor(block: Tensor, k: int) -> np.ndarray:
+def score_floor(block: Tensor, k: int) -> np.ndarray | None:
     """A score that at least k entries of each row of `block` (rows, S) reach: the k-th largest of the maxima of
-    2k + 1 groups of slots (rows, 1).
+    2k + 1 groups of slots (rows, 1); None for a block of fewer slots.
 
     Heaps started just below it take in only the entries above it: most of their time went on entries that later
     ones pushed out again. Slot s is in group s mod G, so that the maxima are one vectorised pass; G is odd, so that
@@ -64,6 +64,8 @@ def score_floor(block: Tensor, k: int) -> np.ndarray:
     """
     rows, width = block.shape
     groups = 2 * k + 1
+    if width < groups:
+        return None
     maxima = block[:, : width // groups * groups].view(rows, -1, groups).amax(1)  # (rows, G)
     maxima = np.ascontiguousarray(maxima.numpy())
     top, _, heaps = min_heaps(rows, k)
@@ -220,8 +222,9 @@ class KnnMemory:
         """Top-k scores and slots of each row with faiss's heaps (multithreaded C++), as its own exact search does."""
         scores, slots, heaps = min_heaps(rows, k)  # min-heaps keep the k largest inner products
         for first, block in blocks:
-            if first == 0 and block.shape[1] >= 2 * k + 1:
-                scores[:] = np.nextafter(score_floor(block, k), np.float32(-np.inf))
+            floor = score_floor(block, k) if first == 0 else None
+            if floor is not None:
+                scores[:] = np.nextafter(floor, np.float32(-np.inf))
             block = np.ascontiguousarray(block.numpy())
             heaps.addn(block.shape[1], faiss.swig_ptr(block), first)
         return torch.from_numpy(scores), torch.from_numpy(slots)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit: larger blocks are always mapped afresh
+MMAP_THRESHOLD_MAX = 32 << 20  # the most older glibc (64-bit) accept; larger blocks are mapped afresh
 TRIM_THRESHOLD = 1 << 30  # hand memory back only when a GiB lies free at the top of the heap
 
 
