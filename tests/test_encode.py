@@ -179,6 +179,26 @@ def test_a_crash_mid_chunk_blames_one_file_and_retries_the_rest(
             np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(paths[index]).tokens)
 
 
+def test_workers_held_back_by_a_slow_file_go_on_once_it_is_done(
+    tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one file per chunk and a window of 8 files: the other worker encodes files 1-7 while the first file takes
+    # a second, then waits; when that file is done both workers are idle, with work left that the window now lets out
+    paths = [str(p) for p in prompt_files]
+    real_parse_one = sandbox.parse_one
+
+    def slow_first(path: str, keep_drums: bool) -> sandbox.ParsedFile | sandbox.Skip:
+        if path == paths[0]:
+            time.sleep(1)
+        return real_parse_one(path, keep_drums)
+
+    monkeypatch.setattr(sandbox, "parse_one", slow_first)
+    monkeypatch.setattr(sandbox, "MAX_CHUNK", 1)
+    results = list(sandbox.encode_in_workers(paths, TokenizerConfig(), workers=2))
+    assert [index for index, _ in results] == list(range(len(paths)))
+    assert all(isinstance(result, sandbox.EncodedSong) for _, result in results)
+
+
 def test_store_does_not_depend_on_the_number_of_workers(tmp_path: Path, prompt_files: list[Path]) -> None:
     inputs = copy_prompts(prompt_files, tmp_path / "in", copies=3)
     one = encode_files(inputs, tmp_path / "one", workers=1, progress=False)

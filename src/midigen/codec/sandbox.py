@@ -214,7 +214,9 @@ def encode_in_workers(
             if next_out == len(paths):
                 return
             busy = [w for w in pool if w is not None and w.chunk is not None]
-            assert busy, "every unfinished file is queued or in a worker's chunk"
+            if not busy:  # the window held back work that the results just passed on let through
+                assert not queue.empty, "every unfinished file is queued or in a worker's chunk"
+                continue
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_S))
     finally:
         for worker in pool:
