@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import symusic
 
 from midigen.cli.main import main
 from midigen.codec import SeedTokenizer
+from midigen.data import corpus as corpus_module
 from midigen.data.corpus import (
     CORPORA,
     Piece,
@@ -152,10 +154,13 @@ def test_known_bad_chorale_source_is_a_one_line_reason(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_piece_over_its_time_is_killed_and_reported(tmp_path: Path) -> None:
-    report = export_corpus("bach-chorales", tmp_path, workers=2, limit=2, timeout_s=0.01, progress=False)
-    assert [reason for _, reason in report.failed] == ["timed out after 0.01 s"] * 2
+def test_piece_over_its_time_is_killed_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real piece can beat any short limit on a fast machine; one that hangs cannot (forked workers inherit it)
+    monkeypatch.setattr(corpus_module, "piece_midi", lambda piece: time.sleep(60))
+    report = export_corpus("bach-chorales", tmp_path, workers=2, limit=2, timeout_s=0.5, progress=False)
+    assert [reason for _, reason in report.failed] == ["timed out after 0.5 s"] * 2
     assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "splits.json"]  # no temp files
+    monkeypatch.undo()
     retried = export_corpus("bach-chorales", tmp_path, workers=2, limit=2, retry_failed=True, progress=False)
     assert len(retried.exported) == 2 and retried.failed == []
     assert json.loads((tmp_path / "manifest.json").read_text())["failed"] == []
