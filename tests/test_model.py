@@ -144,7 +144,7 @@ def test_memory_keys_are_further_away_than_the_segment() -> None:
 def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
     lanes_per_call: int, empty_memory: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On CPU, attention whose bias needs gradients runs a few lanes per SDPA call: the same outputs and gradients."""
+    """On CPU, attention whose bias needs gradients runs a few lanes at a time: the same outputs and gradients."""
     model = tiny()
     B, T, P, H, D = 3, 8, 8, model.config.n_heads, model.config.head_dim
     tokens, bars, beats = random_inputs(T + 1, B=B)
@@ -165,6 +165,55 @@ def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
     torch.testing.assert_close(split_logits, logits, atol=1e-5, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def attention_inputs(past: int, mask_lanes: int) -> tuple[torch.Tensor, KV | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, past, k, v and a causal mask with a random bias (float64); with per-lane masks one lane's memory is partly empty."""
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 3, 2, 6, 4
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    memory = KV(torch.randn(B, H, past, D, generator=g, dtype=torch.float64),
+                torch.randn(B, H, past, D, generator=g, dtype=torch.float64), torch.ones(B, past, dtype=torch.bool))
+    allowed = (torch.arange(past, past + T).unsqueeze(1) - torch.arange(past + T) >= 0).repeat(mask_lanes, 1, 1, 1)
+    if mask_lanes > 1 and past:
+        allowed[1, ..., :2] = False
+    bias = torch.randn(mask_lanes, H, T, past + T, generator=g, dtype=torch.float64)
+    mask = bias.masked_fill(~allowed, float("-inf")).requires_grad_()
+    return q, memory if past else None, k, v, mask
+
+
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("mask_lanes", [1, 3])
+@pytest.mark.parametrize("lanes_per_group", [1, 3])
+def test_cpu_attention_equals_sdpa_and_leaves_the_past_without_gradient(
+    past: int, mask_lanes: int, lanes_per_group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, memory, k, v, mask = attention_inputs(past, mask_lanes)
+    monkeypatch.setattr(transformer_module, "CPU_MATH_SCORES", lanes_per_group * mask[0].numel())
+    grad = torch.randn_like(q)
+    results = []
+    for attend in ("sdpa", "cpu"):
+        if attend == "sdpa":
+            keys, values = (k, v) if memory is None else (torch.cat([memory.keys, k], 2), torch.cat([memory.values, v], 2))
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            out = transformer_module.CpuAttention.apply(q, memory, k, v, mask, 0.0)
+        inputs = (q, k, v, mask)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("past", [0, 5])
+def test_cpu_attention_gradients_with_dropout_match_finite_differences(past: int) -> None:
+    q, memory, k, v, mask = attention_inputs(past, mask_lanes=1)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)  # the same dropout at every call
+        return transformer_module.CpuAttention.apply(q, memory, k, v, mask, 0.3)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v, mask))
+    assert (attend(q, k, v, mask) != transformer_module.CpuAttention.apply(q, memory, k, v, mask, 0.0)).any()
 
 
 @pytest.mark.parametrize("field", ["dropout", "attn_dropout"])

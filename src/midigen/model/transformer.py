@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from midigen.model.config import ModelConfig
 
-CPU_MATH_SCORES = 2**21  # attention scores per SDPA call on CPU when they need gradients (measured fastest)
+CPU_MATH_SCORES = 2**21  # attention scores per group of lanes when training on CPU: they stay in cache
 GATHERED_QUERIES = 1024  # queries whose neighbours' values are gathered at once: a few MB
 
 
@@ -125,6 +125,73 @@ class RetrievedValues(torch.autograd.Function):
         return grad_weights.view(B, H, T, K), None
 
 
+class CpuAttention(torch.autograd.Function):
+    """softmax(q·kᵀ/√D + mask) v over the past keys then the present ones, for training on CPU.
+
+    The mask carries the relative-position bias, whose gradient sends SDPA on CPU to its math path: that one builds
+    every lane's scores at once and computes gradients for all keys and values, the detached past's too (a sixth of
+    the products with XL memory). This works a few lanes at a time, so their (H, T, S) scores stay in cache, and
+    leaves the past alone.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, past: KV | None, k: Tensor, v: Tensor, mask: Tensor,
+                dropout: float) -> Tensor:  # q, k, v (B, H, T, D), mask (B or 1, H, T, S) → (B, H, T, D)
+        if past is not None:
+            k, v = torch.cat([past.keys, k], 2), torch.cat([past.values, v], 2)  # (B, H, S, D)
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        out = q.new_empty(B, H, T, D)
+        # one tensor of weights per group of lanes: all lanes' at once would exceed the size that glibc
+        # serves from its heap (32 MiB) and be mapped and page-faulted afresh at every step
+        groups, kept = lane_groups(B, H * T * S), []
+        probs = []
+        for lanes in groups:
+            scores = torch.matmul(q[lanes], k[lanes].mT).mul_(D**-0.5).add_(mask if mask.shape[0] == 1 else mask[lanes])
+            weights = torch.softmax(scores, -1, out=scores)  # (n, H, T, S)
+            probs.append(weights)
+            if dropout:
+                kept.append(torch.rand_like(weights) >= dropout)
+                weights = weights * kept[-1] / (1 - dropout)
+            torch.matmul(weights, v[lanes], out=out[lanes])
+        ctx.save_for_backward(q, k, v, out, *probs, *kept)
+        ctx.dropout, ctx.groups, ctx.mask_lanes = dropout, groups, mask.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, *saved = ctx.saved_tensors
+        groups = ctx.groups
+        probs, kept = saved[: len(groups)], saved[len(groups) :]
+        B, H, T, D = q.shape
+        P = k.shape[2] - T
+        softmax_term = (grad * out).sum(-1, keepdim=True)  # (B, H, T, 1): Σ_s weight·grad of weight, dropout or not
+        grad_q, grad_k, grad_v = (q.new_empty(B, H, T, D) for _ in range(3))
+        grad_mask = (torch.zeros if ctx.mask_lanes == 1 else torch.empty)(ctx.mask_lanes, H, T, P + T, dtype=q.dtype)
+        for i, lanes in enumerate(groups):
+            weights, g = probs[i], grad[lanes]  # (n, H, T, S), (n, H, T, D)
+            grad_scores = torch.matmul(g, v[lanes].mT)  # (n, H, T, S), of the weights so far
+            attended = weights
+            if kept:
+                grad_scores.mul_(kept[i]).div_(1 - ctx.dropout)
+                attended = weights * kept[i] / (1 - ctx.dropout)
+            grad_scores.sub_(softmax_term[lanes]).mul_(weights)
+            torch.matmul(grad_scores, k[lanes], out=grad_q[lanes]).mul_(D**-0.5)
+            torch.matmul(grad_scores[..., P:].mT, q[lanes], out=grad_k[lanes]).mul_(D**-0.5)
+            torch.matmul(attended[..., P:].mT, g, out=grad_v[lanes])
+            if ctx.mask_lanes == 1:
+                grad_mask[0] += grad_scores.sum(0)
+            else:
+                grad_mask[lanes] = grad_scores
+        return grad_q, None, grad_k, grad_v, grad_mask, None
+
+
+def lane_groups(lanes: int, scores_per_lane: int) -> list[slice]:
+    """Consecutive groups of lanes whose attention scores fit in `CPU_MATH_SCORES` (one lane at least)."""
+    size = max(1, CPU_MATH_SCORES // scores_per_lane)
+    return [slice(first, min(first + size, lanes)) for first in range(0, lanes, size)]
+
+
 def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
     """T5 buckets for causal distances (>= 0): exact below num_buckets/2, logarithmic above."""
     distance = distance.clamp(min=0)
@@ -182,22 +249,16 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         present = KV(k, v, torch.ones(B, T, dtype=torch.bool, device=x.device))
-        if past is not None:
-            k = torch.cat([past.keys, k], dim=2)  # (B, H, P+T, D)
-            v = torch.cat([past.values, v], dim=2)
-        bias = toeplitz(self.rel_bias(buckets).t(), T, k.shape[2]).unsqueeze(0)  # (1, H, T, S)
+        S = T + (past.length if past is not None else 0)
+        bias = toeplitz(self.rel_bias(buckets).t(), T, S).unsqueeze(0)  # (1, H, T, S)
         mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, T, S); bf16 under autocast
         dropout = self.attn_dropout if self.training else 0.0
-        lanes = B  # lanes per call
         if mask.requires_grad and q.device.type == "cpu":
-            # The bias's gradient sends SDPA on CPU to its math path, which builds (lanes, H, T, S) scores in memory:
-            # a few lanes at a time they stay in cache (the small preset with XL memory: 1.5x faster attention).
-            lanes = max(1, CPU_MATH_SCORES // mask[0].numel())
-        parts = [F.scaled_dot_product_attention(q[i : i + lanes], k[i : i + lanes], v[i : i + lanes],
-                                                attn_mask=mask if mask.shape[0] == 1 else mask[i : i + lanes],
-                                                dropout_p=dropout)
-                 for i in range(0, B, lanes)]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, H, T, D); one call needs no copy
+            y = CpuAttention.apply(q, past, k, v, mask, dropout)  # (B, H, T, D)
+        else:
+            if past is not None:
+                k, v = torch.cat([past.keys, k], dim=2), torch.cat([past.values, v], dim=2)  # (B, H, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
         if knn is not None:
             y = self.mix_memory(q, y, knn, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
