@@ -127,6 +127,37 @@ def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: st
         restored.write(keys, values, valid)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_knn_search_under_bf16_autocast_is_the_float32_search(backend: str) -> None:
+    """The trainer runs under bf16 autocast on CUDA (here on CPU): the search's scores stay float32, so it stays exact."""
+    torch.manual_seed(0)
+    memory = KnnMemory(2, 2, 16, 400, 8, torch.device("cpu"), backend)
+    keys = torch.nn.functional.normalize(torch.randn(2, 2, 400, 16), dim=-1)
+    memory.write(keys, torch.randn_like(keys), torch.ones(2, 400, dtype=torch.bool))
+    queries = torch.nn.functional.normalize(torch.randn(2, 2, 9, 16), dim=-1)
+    plain = memory.search(queries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = memory.search(queries)
+    assert autocast.scores.dtype == torch.float32
+    assert torch.equal(autocast.rows, plain.rows) and torch.equal(autocast.scores, plain.scores)
+
+
+@pytest.mark.parametrize("mode", ["xl", "knn"])
+def test_memory_trains_under_bf16_autocast(mode: str) -> None:
+    model = tiny(mode).train()
+    memory = MemoryState(model.config, 2, torch.device("cpu"))
+    for segment in range(4):  # the kNN memory is searched from the third segment on
+        tokens, bars, beats = segment_inputs(model.config.context + 1, B=2, seed=segment)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
+                                    new_song=torch.full((2,), segment == 0))
+        output.loss.backward()
+        assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if mode == "knn":
+        assert int(memory.knn.sizes().min()) > 0 and model.blocks[-1].attn.gate.grad.abs().sum() > 0
+
+
 def test_saved_memory_holds_only_what_was_written() -> None:
     model = tiny("knn", context=16)  # a kNN store of 4,096 entries per lane
     memory = MemoryState(model.config, 2, torch.device("cpu"))

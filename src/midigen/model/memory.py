@@ -190,7 +190,9 @@ class KnnMemory:
             nothing = torch.zeros(B, H, T, k, dtype=torch.long, device=self.device)
             return Neighbours(nothing.float(), nothing, nothing.bool(), *stores)
         select = self._select_faiss if self.backend == "faiss" else self._select_torch
-        scores, slots = select(self._score_blocks(queries), B * H * T, k)
+        # float32 scores under bf16 autocast too (the trainer's on CUDA): in bf16 the top k would be approximate
+        with torch.autocast(self.device.type, enabled=False):
+            scores, slots = select(self._score_blocks(queries), B * H * T, k)
         slots = slots.view(B, H, T, k).to(self.device)
         valid = slots >= 0
         lists = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * self.capacity
