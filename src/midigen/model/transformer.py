@@ -131,7 +131,7 @@ class CpuAttention(torch.autograd.Function):
     The mask carries the relative-position bias, whose gradient sends SDPA on CPU to its math path: that one builds
     every lane's scores at once and computes gradients for all keys and values, the detached past's too (a sixth of
     the products with XL memory). This works a few lanes at a time, so their (H, T, S) scores stay in cache, and
-    leaves the past alone.
+    leaves the past (detached) alone.
     """
 
     @staticmethod
@@ -144,8 +144,9 @@ class CpuAttention(torch.autograd.Function):
         out = q.new_empty(B, H, T, D)
         # one tensor of weights per group of lanes: all lanes' at once would exceed the size that glibc
         # serves from its heap (32 MiB) and be mapped and page-faulted afresh at every step
-        groups, kept = lane_groups(B, H * T * S), []
-        probs = []
+        groups = lane_groups(B, H * T * S)
+        probs: list[Tensor] = []
+        kept: list[Tensor] = []  # where dropout keeps a weight
         for lanes in groups:
             scores = torch.matmul(q[lanes], k[lanes].mT).mul_(D**-0.5).add_(mask if mask.shape[0] == 1 else mask[lanes])
             weights = torch.softmax(scores, -1, out=scores)  # (n, H, T, S)
