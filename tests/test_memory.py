@@ -21,7 +21,7 @@ from midigen.generation.grammar import Grammar
 from midigen.generation.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model import memory as memory_module
-from midigen.model.memory import KnnMemory, MemoryState, announce_search
+from midigen.model.memory import KnnMemory, MemoryState, announce_search, knn_store_bytes, knn_store_device
 from midigen.model.transformer import Neighbours
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import load_trained, train
@@ -279,6 +279,20 @@ def test_knn_memory_says_where_it_searches_once(caplog: pytest.LogCaptureFixture
         for _ in range(3):  # a new memory at every validation
             KnnMemory(1, 1, 4, 8, 2, torch.device("cpu"))
     assert caplog.text.count("kNN memory: exact search with faiss on cpu") == 1
+
+
+def test_knn_stores_go_where_the_data_location_says_and_auto_where_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ModelConfig.preset("tiny", TokenizerConfig(), memory="knn")
+    store = KnnMemory(4, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k, torch.device("cpu"))
+    needed = knn_store_bytes(config, 4)
+    assert needed == store.keys.nbytes + store.values.nbytes
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert all(knn_store_device(location, config, 4, cpu) == cpu for location in ("auto", "cpu", "memmap"))
+    assert knn_store_device("gpu", config, 4, cuda) == cuda
+    assert knn_store_device("cpu", config, 4, cuda) == cpu and knn_store_device("memmap", config, 4, cuda) == cpu
+    for free, expected in ((8 * needed + 1, cuda), (8 * needed, cpu)):  # training's and validation's in a quarter
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * free))
+        assert knn_store_device("auto", config, 4, cuda) == expected
 
 
 def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-interval", type=int, default=200, help="steps between validations")
     parser.add_argument("--batching", choices=BATCHING_MODES, default="auto",
                         help="random chunks, or songs in order per lane (default: random without memory, contiguous with it)")
-    parser.add_argument("--data-location", choices=DATA_LOCATIONS, default="auto")
+    parser.add_argument("--data-location", choices=DATA_LOCATIONS, default="auto",
+                        help="token store on the gpu, in cpu memory or memmap from disk; kNN memory on the gpu or in "
+                             "cpu memory (default: the fastest place each fits)")
     parser.add_argument("--transpose", type=int, default=5, help="random transposition range in semitones")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")

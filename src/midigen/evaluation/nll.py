@@ -72,14 +72,16 @@ def fit_bigram(sequences: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def score_songs(
-    model: torch.nn.Module, data: TokenArrays, songs: list[int], lanes: int, device: torch.device
+    model: torch.nn.Module, data: TokenArrays, songs: list[int], lanes: int, device: torch.device,
+    knn_device: torch.device | None = None,
 ) -> Iterator[tuple[Batch, Tensor]]:
     """Every token of `songs` once, in order, with the model's memory: yields (batch, NLL (B, T) of its targets).
 
-    Songs are played back to back in `lanes` lanes; lanes' memories are cleared between songs.
+    Songs are played back to back in `lanes` lanes; lanes' memories are cleared between songs. The kNN stores
+    live on `knn_device` (default `device`).
     """
     model.eval()
-    memory = MemoryState(model.config, lanes, device)
+    memory = MemoryState(model.config, lanes, device, knn_device)
     for batch in SongLanes(data, songs, model.config.context, lanes, seed=0, shuffle=False, endless=False):
         tensors = {name: value.to(device) for name, value in batch.items()}
         tokens = tensors["tokens"]

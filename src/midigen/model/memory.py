@@ -188,7 +188,7 @@ class KnnMemory:
         stores = self.keys.view(-1, D), self.values.view(-1, D)  # (B·H·C, D)
         if int(self.written.max()) == 0:
             nothing = torch.zeros(B, H, T, k, dtype=torch.long, device=self.device)
-            return Neighbours(nothing.float(), nothing, nothing.bool(), *stores)
+            return Neighbours(nothing.float().to(queries.device), nothing, nothing.bool().to(queries.device), *stores)
         select = self._select_faiss if self.backend == "faiss" else self._select_torch
         # float32 scores under bf16 autocast too (the trainer's on CUDA): in bf16 the top k would be approximate
         with torch.autocast(self.device.type, enabled=False):
@@ -198,7 +198,7 @@ class KnnMemory:
         lists = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * self.capacity
         rows = lists + slots.clamp(min=0)  # (B, H, T, K) rows of the (B·H·C, D) stores
         scores = scores.view(B, H, T, k).to(self.device).masked_fill(~valid, 0.0)  # finite, or gradients turn NaN
-        return Neighbours(scores, rows, valid, *stores)
+        return Neighbours(scores.to(queries.device), rows, valid.to(queries.device), *stores)
 
     def _score_blocks(self, queries: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Inner products with the stored keys, a block of slots at a time: (first slot, scores (B·H·T, S)).
@@ -249,16 +249,36 @@ class KnnMemory:
                 torch.nn.functional.pad(slots, (0, missing), value=-1))
 
 
-class MemoryState:
-    """The memories of a batch of lanes, for a model trained with `memory` = none, xl or knn."""
+def knn_store_bytes(config: ModelConfig, lanes: int) -> int:
+    """Memory taken by the kNN stores of `lanes` lanes when full: float32 keys and values."""
+    return 2 * 4 * lanes * config.n_heads * config.knn_capacity * config.head_dim
 
-    def __init__(self, config: ModelConfig, lanes: int, device: torch.device) -> None:
+
+def knn_store_device(location: str, config: ModelConfig, lanes: int, device: torch.device) -> torch.device:
+    """Where the kNN stores of training live for a model on `device`, by `--data-location`: on the GPU with `gpu`, in
+    CPU memory with `cpu` or `memmap`; `auto`: on the GPU when full stores for training and for validation (as many
+    lanes) together take under a quarter of its free memory, else in CPU memory (searched there with faiss)."""
+    if device.type != "cuda" or location in ("cpu", "memmap"):
+        return torch.device("cpu")
+    if location == "gpu" or 2 * knn_store_bytes(config, lanes) < torch.cuda.mem_get_info(device)[0] / 4:
+        return device
+    return torch.device("cpu")
+
+
+class MemoryState:
+    """The memories of a batch of lanes, for a model trained with `memory` = none, xl or knn.
+
+    The XL memory lives with the model on `device`; the kNN stores on `knn_device` (default `device`).
+    """
+
+    def __init__(self, config: ModelConfig, lanes: int, device: torch.device, knn_device: torch.device | None = None
+                 ) -> None:
         self.config, self.device = config, device
         self.xl = XLMemory(config.memory_length) if config.memory != "none" else None
         self.knn = None
         if config.memory == "knn":
             self.knn = KnnMemory(lanes, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k,
-                                 device)
+                                 knn_device or device)
 
     def reset(self, lanes: Tensor) -> None:
         if self.xl is not None:

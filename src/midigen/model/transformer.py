@@ -57,7 +57,11 @@ class KV:
 
 @dataclass
 class Neighbours:
-    """What a kNN search found for each query: rows of the stores, which the search leaves where they are."""
+    """What a kNN search found for each query: rows of the stores, which the search leaves where they are.
+
+    `scores` and `valid` are on the queries' device; `rows`, `keys` and `values` on the stores' (the CPU's, or the
+    model's GPU).
+    """
 
     scores: Tensor  # (B, H, T, K) inner product of each (unit) query with each retrieved (unit) key; 0 if not valid
     rows: Tensor  # (B, H, T, K) long: rows of `keys` and `values`; any row where `valid` is False
@@ -92,9 +96,9 @@ class RetrievedSimilarity(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         rows, keys = ctx.saved_tensors
         B, H, T, K = rows.shape
-        grad_queries = F.embedding_bag(rows.view(-1, K), keys, per_sample_weights=grad.reshape(-1, K).to(keys.dtype),
-                                       mode="sum")  # (B·H·T, D)
-        return grad_queries.view(B, H, T, -1).to(ctx.query_dtype), None
+        grad_queries = F.embedding_bag(rows.view(-1, K), keys, mode="sum",
+                                       per_sample_weights=grad.reshape(-1, K).to(keys.device, keys.dtype))  # (B·H·T, D)
+        return grad_queries.view(B, H, T, -1).to(grad.device, ctx.query_dtype), None
 
 
 class RetrievedValues(torch.autograd.Function):
@@ -109,20 +113,21 @@ class RetrievedValues(torch.autograd.Function):
         B, H, T, K = weights.shape
         ctx.save_for_backward(found.rows, found.values)
         summed = F.embedding_bag(found.rows.view(-1, K), found.values, mode="sum",
-                                 per_sample_weights=weights.reshape(-1, K).to(found.values.dtype))  # (B·H·T, D)
-        return summed.view(B, H, T, -1)
+                                 per_sample_weights=weights.reshape(-1, K).to(found.values.device, found.values.dtype))
+        return summed.view(B, H, T, -1).to(weights.device)  # (B, H, T, D)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         rows, values = ctx.saved_tensors
         B, H, T, K = rows.shape
-        rows, grad = rows.view(-1, K), grad.reshape(-1, values.shape[1], 1).to(values.dtype)  # (N, K), (N, D, 1)
+        device = grad.device
+        rows, grad = rows.view(-1, K), grad.reshape(-1, values.shape[1], 1).to(values.device, values.dtype)  # (N, K), (N, D, 1)
         grad_weights = torch.empty(rows.shape, dtype=values.dtype, device=values.device)
         for first in range(0, rows.shape[0], GATHERED_QUERIES):
             block = slice(first, first + GATHERED_QUERIES)
             neighbours = values.index_select(0, rows[block].flatten()).view(-1, K, values.shape[1])  # (n, K, D)
             grad_weights[block] = torch.bmm(neighbours, grad[block]).squeeze(-1)
-        return grad_weights.view(B, H, T, K), None
+        return grad_weights.view(B, H, T, K).to(device), None
 
 
 class CpuAttention(torch.autograd.Function):

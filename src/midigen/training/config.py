@@ -23,6 +23,9 @@ class TrainConfig(JsonConfig):
     eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
     batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane; "auto" picks
         random without memory and contiguous with it.
+    data_location: where the token store lives ("gpu", "cpu" memory or "memmap" from disk) and the kNN
+        memory's stores (the GPU with "gpu", CPU memory otherwise); "auto" picks, for each, the fastest
+        place it fits in.
     """
 
     batch_size: int = 16

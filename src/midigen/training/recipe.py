@@ -16,7 +16,7 @@ from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
 from midigen.evaluation.nll import score_songs
 from midigen.model.config import ModelConfig
-from midigen.model.memory import MemoryState
+from midigen.model.memory import MemoryState, knn_store_device
 from midigen.model.transformer import MusicTransformer
 from midigen.training.config import TrainConfig
 from midigen.training.distributed import resolve_device, setup_distributed
@@ -84,12 +84,13 @@ def validation_songs(store: TokenStore, songs: list[int], max_tokens: int) -> li
     return chosen
 
 
-def validation_loss(data: TokenArrays, songs: list[int], lanes: int, device: torch.device):  # noqa: ANN201
+def validation_loss(data: TokenArrays, songs: list[int], lanes: int, device: torch.device,  # noqa: ANN201
+                    knn_device: torch.device):
     """A function computing the mean NLL of a model over the fixed validation songs, with its memory."""
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
-        for batch, nll in score_songs(model, data, songs, lanes, device):
+        for batch, nll in score_songs(model, data, songs, lanes, device, knn_device):
             scored = batch["tokens"][:, 1:] != 0
             total += float(nll[scored].sum())
             count += int(scored.sum())
@@ -136,21 +137,21 @@ def train(
     model = MusicTransformer(model_config)
     train_songs, val_songs = split_songs(store)
     data = TokenArrays(store, train_config.data_location, dist.device)
+    knn_device = knn_store_device(train_config.data_location, model_config, train_config.batch_size, dist.device)
     sampler = make_sampler(data, train_songs, model_config, train_config, dist.rank)
     if dist.is_main:
         log.info("%s: %d training songs, %d validation songs; data %s; %s batching; memory %s; %.2fM parameters on %s",
                  store.root, len(train_songs), len(val_songs), data.location, type(sampler).__name__,
                  model_config.memory, model.num_parameters() / 1e6, dist.device)
-    evaluate = validation_loss(
-        data, validation_songs(store, val_songs, train_config.eval_tokens), train_config.batch_size, dist.device
-    )
+    evaluate = validation_loss(data, validation_songs(store, val_songs, train_config.eval_tokens),
+                               train_config.batch_size, dist.device, knn_device)
     saved_configs: dict[str, Any] = {
         "model": model_config.to_dict(),
         "tokenizer": store.config.to_dict(),
         "train": train_config.to_dict(),
         "store": str(store.root),
     }
-    memory = MemoryState(model_config, train_config.batch_size, dist.device)
+    memory = MemoryState(model_config, train_config.batch_size, dist.device, knn_device)
     trainer = Trainer(
         model,
         train_config,
