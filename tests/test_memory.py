@@ -329,6 +329,7 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
         assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
 
 
+@pytest.mark.filterwarnings("error")  # a lane with fewer than k entries has no floor: no warning about it either
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 @pytest.mark.parametrize("stored", [3, 20])  # fewer slots in use than k, or more (one lane still has fewer entries)
 def test_knn_with_fewer_entries_than_k_marks_the_rest_invalid(backend: str, stored: int) -> None:

@@ -226,7 +226,8 @@ class KnnMemory:
         for first, block in blocks:
             floor = score_floor(block, k) if first == 0 else None
             if floor is not None:
-                scores[:] = np.nextafter(floor, np.float32(-np.inf))
+                with np.errstate(over="ignore"):  # a lane with fewer than k entries has floor −inf, which stays
+                    scores[:] = np.nextafter(floor, np.float32(-np.inf))
             block = np.ascontiguousarray(block.numpy())
             heaps.addn(block.shape[1], faiss.swig_ptr(block), first)
         return torch.from_numpy(scores), torch.from_numpy(slots)
