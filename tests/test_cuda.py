@@ -1,5 +1,5 @@
-"""The accelerator paths: the kNN search on the device, attention with the bias's gradient, bf16 autocast, and
-train → resume → generate with memory, the token store and the kNN store on the device.
+"""The accelerator paths: the kNN search on the device, attention with the bias's gradient, and train → resume →
+generate with memory, the token store and the kNN store on the device (bf16 autocast: test_memory.py, on each device).
 
 They run on CUDA, and are skipped where there is none. MIDIGEN_TEST_DEVICE=cpu runs the same checks on the CPU.
 """
@@ -71,21 +71,6 @@ def test_training_steps_on_the_device_equal_the_cpu_ones(mode: str, knn_device: 
     np.testing.assert_allclose(device_losses, cpu_losses, rtol=1e-4)
     for name, grad in cpu_grads.items():
         torch.testing.assert_close(device_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
-
-
-@pytest.mark.parametrize("mode", ["xl", "knn"])
-def test_memory_trains_under_bf16_autocast_on_the_device(mode: str) -> None:
-    torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode)
-    model = MusicTransformer(config).to(DEVICE).train()
-    memory = MemoryState(config, 2, DEVICE)
-    for tokens, bars, beats in segments(4, 2, config.context):
-        tokens, bars, beats = tokens.to(DEVICE), bars.to(DEVICE), beats.to(DEVICE)
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:])
-        output.loss.backward()
-        assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("mode", ["xl", "knn"])

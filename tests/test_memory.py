@@ -142,15 +142,17 @@ def test_knn_search_under_bf16_autocast_is_the_float32_search(backend: str) -> N
     assert torch.equal(autocast.rows, plain.rows) and torch.equal(autocast.scores, plain.scores)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("mode", ["xl", "knn"])
-def test_memory_trains_under_bf16_autocast(mode: str) -> None:
-    model = tiny(mode).train()
-    memory = MemoryState(model.config, 2, torch.device("cpu"))
+def test_memory_trains_under_bf16_autocast(mode: str, device: str) -> None:
+    model = tiny(mode).to(device).train()
+    memory = MemoryState(model.config, 2, torch.device(device))
     for segment in range(4):  # the kNN memory is searched from the third segment on
-        tokens, bars, beats = segment_inputs(model.config.context + 1, B=2, seed=segment)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, bars, beats = (t.to(device) for t in segment_inputs(model.config.context + 1, B=2, seed=segment))
+        with torch.autocast(device, dtype=torch.bfloat16):
             output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
-                                    new_song=torch.full((2,), segment == 0))
+                                    new_song=torch.full((2,), segment == 0, device=device))
         output.loss.backward()
         assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
