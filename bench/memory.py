@@ -27,7 +27,7 @@ import torch
 from common import CACHE, corpus_files, median_seconds, write_section
 
 from midigen.codec import TokenizerConfig
-from midigen.data.batching import TokenArrays
+from midigen.data.batching import SongLanes, TokenArrays
 from midigen.data.encode import encode_files
 from midigen.data.store import TokenStore
 from midigen.evaluation.nll import score_songs
@@ -265,6 +265,41 @@ def search_cost() -> str:
             "| entries per lane | faiss | torch |\n|---|---|---|\n" + "\n".join(rows))
 
 
+def lane_sizes_in_training(store: TokenStore, steps: int, every: int) -> list[np.ndarray]:
+    """Entries per lane in the kNN memory at every `every`-th step of the quality runs' batches (seed 0): the
+    tokens of each lane's piece before its XL window, up to the memory's capacity."""
+    capacity = model_config("knn").knn_capacity
+    lanes = SongLanes(TokenArrays(store, "memmap"), store.split_indices("train"), CONTEXT, LANES, seed=0)
+    offsets = [next(lanes)["offset"].numpy() for _ in range(steps)]
+    return [np.clip(offset - CONTEXT, 0, capacity) for offset in offsets[::every]]
+
+
+def training_search_cost(store: TokenStore) -> str:
+    """Search time per step as the quality runs meet it: lanes deep in long pieces next to lanes early in short ones."""
+    config = model_config("knn")
+    samples = lane_sizes_in_training(store, steps=6000, every=150)
+    deepest = int(max(sizes.max() for sizes in samples))
+    keys = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, deepest, config.head_dim), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, CONTEXT, config.head_dim), dim=-1)
+    memory = KnnMemory(LANES, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k,
+                       torch.device("cpu"), "faiss")
+    everyone = torch.ones(LANES, dtype=torch.bool)
+    own_end, fullest_end = [], []
+    for sizes in samples:
+        for lane_sizes, times in ((sizes, own_end), (np.full(LANES, sizes.max()), fullest_end)):
+            memory.clear(everyone)
+            length = int(lane_sizes.max())
+            valid = torch.arange(length) < torch.from_numpy(lane_sizes).view(-1, 1)  # (B, T)
+            memory.write(keys[:, :, :length], keys[:, :, :length], valid)
+            times.append(median_seconds(lambda: memory.search(queries), repeats=3) if length else 0.0)
+    entries = np.array(samples)
+    return (f"Search time per step in training (faiss) at {len(samples)} steps spread over the quality runs' 6,000 "
+            f"(seed 0's batches): the lanes hold {entries.mean():,.0f} entries on average, the fullest lane of a "
+            f"step {entries.max(1).mean():,.0f}. Searching each lane only as deep as it is full takes "
+            f"**{1000 * np.mean(own_end):.0f} ms** a step; searching every lane as deep as the fullest one (as the "
+            f"search did before 2026-12-01) takes {1000 * np.mean(fullest_end):.0f} ms.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=6000, help="training steps per run")
@@ -274,7 +309,8 @@ def main() -> None:
     root = CACHE / "memory"
     root.mkdir(parents=True, exist_ok=True)
     if args.only != "quality":
-        write_section("Memory: cost", step_cost(long_piece_store(root)) + "\n\n" + search_cost())
+        store = long_piece_store(root)
+        write_section("Memory: cost", step_cost(store) + "\n\n" + search_cost() + "\n\n" + training_search_cost(store))
     if args.only != "cost":
         write_section("Memory: quality on long pieces", quality(root, args.steps, args.seeds))
 

@@ -101,6 +101,36 @@ def test_knn_search_equals_brute_force_and_keeps_the_newest(
                                    expected_values, atol=1e-6, rtol=0)
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_knn_search_over_lanes_of_different_sizes_scores_each_only_up_to_its_own_end(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contiguous batching leaves lanes with very different amounts: an empty lane, one with fewer than k entries,
+    a short song, a long one. Each lane is scored only over the blocks holding its entries, and finds its exact top k."""
+    monkeypatch.setattr(memory_module, "UNEVEN_BLOCK_SLOTS", 16)
+    torch.manual_seed(0)
+    sizes, heads, dim, k = [0, 3, 37, 200], 2, 8, 5
+    memory = KnnMemory(len(sizes), heads, dim, 256, k, torch.device("cpu"), backend)
+    keys = torch.nn.functional.normalize(torch.randn(len(sizes), heads, max(sizes), dim), dim=-1)
+    values = torch.randn_like(keys)
+    valid = torch.arange(max(sizes)) < torch.tensor(sizes).view(-1, 1)  # (B, T)
+    memory.write(keys, values, valid)
+    queries = torch.nn.functional.normalize(torch.randn(len(sizes), heads, 6, dim), dim=-1)
+    blocks = [(first, lanes) for first, lanes, _ in memory._score_blocks(queries)]
+    assert blocks == [(first, [lane for lane in (1, 2, 3) if sizes[lane] > first]) for first in range(0, 200, 16)]
+    found = memory.search(queries)
+    assert not found.valid[0].any() and found.valid[1].sum(-1).eq(3).all() and found.valid[2:].all()
+    for lane in (1, 2, 3):
+        scores = torch.einsum("htd,hcd->htc", queries[lane], keys[lane, :, : sizes[lane]])
+        best = scores.topk(min(k, sizes[lane]), dim=-1)
+        got = found.scores[lane][found.valid[lane]].view(heads, 6, -1)
+        torch.testing.assert_close(got.sort(-1, descending=True).values, best.values, atol=1e-5, rtol=0)
+        got_values = found.values[found.rows[lane]][found.valid[lane]].view(heads, 6, -1, dim)
+        expected_values = values[lane][torch.arange(heads).view(-1, 1, 1), best.indices]
+        torch.testing.assert_close(got_values.sum(2), expected_values.sum(2), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: str) -> None:
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ can no longer see.
 kNN search is exact inner product on unit vectors, for all lanes and heads at once. Each
 (lane, head) store is a ring buffer of `capacity` entries (first in, first out). Search works as
 faiss's own exact search does: inner products by batched matrix products (BLAS), a block of slots
-at a time, and the top k of each query kept in faiss's heaps (one multithreaded call per block).
+at a time, and the top k of each query kept in faiss's heaps (one multithreaded call per block
+and lane; a lane joins only the blocks that hold its entries).
 On a GPU the memory lives there and torch's top-k selects, so nothing crosses to the CPU (GPU faiss
 is not used). faiss's IVF index, with one inverted list per (lane, head) and every query
 pre-assigned to its list, gives the same answer but scans each list once per query: 3-5 times
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # scores per block (float32, 64 MB), which bounds memory. Large blocks search fastest: torch merges each block's
 # top k with a further topk, and faiss's heaps start from a floor found in the first block (`score_floor`)
 SCORE_BLOCK_ELEMENTS = 2**24
+UNEVEN_BLOCK_SLOTS = 1024  # slots per block when lanes hold different amounts (see `KnnMemory._score_blocks`)
 
 
 @functools.cache
@@ -192,7 +194,7 @@ class KnnMemory:
         select = self._select_faiss if self.backend == "faiss" else self._select_torch
         # float32 scores under bf16 autocast too (the trainer's on CUDA): in bf16 the top k would be approximate
         with torch.autocast(self.device.type, enabled=False):
-            scores, slots = select(self._score_blocks(queries), B * H * T, k)
+            scores, slots = select(self._score_blocks(queries), B, H * T, k)
         slots = slots.view(B, H, T, k).to(self.device)
         valid = slots >= 0
         lists = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * self.capacity
@@ -200,54 +202,67 @@ class KnnMemory:
         scores = scores.view(B, H, T, k).to(self.device).masked_fill(~valid, 0.0)  # finite, or gradients turn NaN
         return Neighbours(scores.to(queries.device), rows, valid.to(queries.device), *stores)
 
-    def _score_blocks(self, queries: Tensor) -> Iterator[tuple[int, Tensor]]:
-        """Inner products with the stored keys, a block of slots at a time: (first slot, scores (B·H·T, S)).
+    def _score_blocks(self, queries: Tensor) -> Iterator[tuple[int, list[int], Tensor]]:
+        """Inner products with the stored keys, a block of slots at a time, for the lanes with entries in it:
+        (first slot, those lanes, scores (lanes·H·T, S)).
 
-        Slots a lane has not filled score −inf. Blocks bound the score matrix however large the store.
+        A lane's slots past its size score −inf. Blocks bound the score matrix however large the store. Lanes
+        holding different amounts (contiguous batching: one lane deep in a long piece, the others early in short
+        ones) get finer blocks, so that each stops near its own end instead of the fullest lane's: a quarter of
+        the work on the bench's long pieces.
         """
         B, H, T, D = queries.shape
-        queries = queries.detach().to(self.device, torch.float32).reshape(B * H, T, D)
+        queries = queries.detach().to(self.device, torch.float32)
         sizes = self.sizes().tolist()
         used = max(sizes)  # slots past every lane's size hold nothing
         block = max(1, SCORE_BLOCK_ELEMENTS // (B * H * T))
+        if min(sizes) < used:
+            block = min(block, UNEVEN_BLOCK_SLOTS)
         for first in range(0, used, block):
             last = min(used, first + block)
-            keys = self.keys[:, :, first:last].reshape(B * H, last - first, D)
-            scores = torch.bmm(queries, keys.transpose(1, 2)).view(B, H, T, last - first)  # (B, H, T, S)
-            for lane, size in enumerate(sizes):  # only the unfilled tails: far less to write than a mask
-                if size < last:
-                    scores[lane, :, :, max(0, size - first) :] = float("-inf")
-            yield first, scores.view(B * H * T, last - first)
+            lanes = [lane for lane, size in enumerate(sizes) if size > first]
+            index = torch.tensor(lanes, device=self.device)
+            keys = self.keys[index, :, first:last]  # (L, H, S, D)
+            scores = torch.matmul(queries[index], keys.transpose(-1, -2))  # (L, H, T, S)
+            for row, lane in enumerate(lanes):  # only the unfilled tails: far less to write than a mask
+                if sizes[lane] < last:
+                    scores[row, :, :, sizes[lane] - first :] = float("-inf")
+            yield first, lanes, scores.view(-1, last - first)
 
     @staticmethod
-    def _select_faiss(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> tuple[Tensor, Tensor]:
+    def _select_faiss(blocks: Iterator[tuple[int, list[int], Tensor]], lanes: int, rows_per_lane: int, k: int
+                      ) -> tuple[Tensor, Tensor]:
         """Top-k scores and slots of each row with faiss's heaps (multithreaded C++), as its own exact search does."""
-        scores, slots, heaps = min_heaps(rows, k)  # min-heaps keep the k largest inner products
-        for first, block in blocks:
+        scores, slots, heaps = min_heaps(lanes * rows_per_lane, k)  # min-heaps keep the k largest inner products
+        for first, block_lanes, block in blocks:
             floor = score_floor(block, k) if first == 0 else None
             if floor is not None:
                 with np.errstate(over="ignore"):  # a lane with fewer than k entries has floor −inf, which stays
-                    scores[:] = np.nextafter(floor, np.float32(-np.inf))
+                    floor = np.nextafter(floor, np.float32(-np.inf)).reshape(len(block_lanes), rows_per_lane, 1)
+                scores.reshape(lanes, rows_per_lane, k)[block_lanes] = floor
             block = np.ascontiguousarray(block.numpy())
-            heaps.addn(block.shape[1], faiss.swig_ptr(block), first)
+            for row, lane in enumerate(block_lanes):
+                lane_block = block[row * rows_per_lane : (row + 1) * rows_per_lane]
+                heaps.addn(block.shape[1], faiss.swig_ptr(lane_block), first, lane * rows_per_lane, rows_per_lane)
         return torch.from_numpy(scores), torch.from_numpy(slots)
 
     @staticmethod
-    def _select_torch(blocks: Iterator[tuple[int, Tensor]], rows: int, k: int) -> tuple[Tensor, Tensor]:
+    def _select_torch(blocks: Iterator[tuple[int, list[int], Tensor]], lanes: int, rows_per_lane: int, k: int
+                      ) -> tuple[Tensor, Tensor]:
         """Top-k scores and slots of each row with torch (on the GPU, where the memory then lives), merged block by block."""
         best: tuple[Tensor, Tensor] | None = None
-        for first, block in blocks:
+        for first, block_lanes, block in blocks:
+            if best is None:  # empty: score −inf, slot −1
+                best = (block.new_full((lanes * rows_per_lane, k), float("-inf")),
+                        torch.full((lanes * rows_per_lane, k), -1, dtype=torch.long, device=block.device))
+            rows = (torch.tensor(block_lanes, device=block.device).view(-1, 1) * rows_per_lane
+                    + torch.arange(rows_per_lane, device=block.device)).view(-1)
             top, slots = block.topk(min(k, block.shape[1]), dim=-1)
             slots = (slots + first).masked_fill(top == float("-inf"), -1)
-            if best is not None:
-                top, slots = torch.cat([best[0], top], 1), torch.cat([best[1], slots], 1)
-                top, order = top.topk(min(k, top.shape[1]), dim=-1)
-                slots = slots.gather(1, order)
-            best = (top, slots)
-        top, slots = best  # type: ignore[misc]
-        missing = k - slots.shape[-1]  # fewer entries than k: none
-        return (torch.nn.functional.pad(top, (0, missing), value=float("-inf")),
-                torch.nn.functional.pad(slots, (0, missing), value=-1))
+            top, slots = torch.cat([best[0][rows], top], 1), torch.cat([best[1][rows], slots], 1)
+            top, order = top.topk(k, dim=-1)
+            best[0][rows], best[1][rows] = top, slots.gather(1, order)
+        return best  # type: ignore[return-value]
 
 
 def knn_store_bytes(config: ModelConfig, lanes: int) -> int:
