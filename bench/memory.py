@@ -276,6 +276,7 @@ def lane_sizes_in_training(store: TokenStore, steps: int, every: int) -> list[np
 
 def training_search_cost(store: TokenStore) -> str:
     """Search time per step as the quality runs meet it: lanes deep in long pieces next to lanes early in short ones."""
+    keep_freed_memory()  # as the trainer does on CPU: the score blocks are not mapped afresh at every search
     config = model_config("knn")
     samples = lane_sizes_in_training(store, steps=6000, every=150)
     deepest = int(max(sizes.max() for sizes in samples))
