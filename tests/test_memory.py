@@ -325,6 +325,9 @@ def test_knn_stores_go_where_the_data_location_says_and_auto_where_they_fit(monk
     for free, expected in ((8 * needed + 1, cuda), (8 * needed, cpu)):  # training's and validation's in a quarter
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * free))
         assert knn_store_device("auto", config, 4, cuda) == expected
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("asked the GPU for no stores"))
+    for memory in ("none", "xl"):  # no kNN stores to place
+        assert knn_store_device("auto", ModelConfig.preset("tiny", TokenizerConfig(), memory=memory), 4, cuda) == cuda
 
 
 def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:

@@ -246,23 +246,20 @@ class KnnMemory:
                 heaps.addn(block.shape[1], faiss.swig_ptr(lane_block), first, lane * rows_per_lane, rows_per_lane)
         return torch.from_numpy(scores), torch.from_numpy(slots)
 
-    @staticmethod
-    def _select_torch(blocks: Iterator[tuple[int, list[int], Tensor]], lanes: int, rows_per_lane: int, k: int
+    def _select_torch(self, blocks: Iterator[tuple[int, list[int], Tensor]], lanes: int, rows_per_lane: int, k: int
                       ) -> tuple[Tensor, Tensor]:
         """Top-k scores and slots of each row with torch (on the GPU, where the memory then lives), merged block by block."""
-        best: tuple[Tensor, Tensor] | None = None
+        best_scores = torch.full((lanes * rows_per_lane, k), float("-inf"), device=self.device)  # empty: −inf, slot −1
+        best_slots = torch.full((lanes * rows_per_lane, k), -1, dtype=torch.long, device=self.device)
         for first, block_lanes, block in blocks:
-            if best is None:  # empty: score −inf, slot −1
-                best = (block.new_full((lanes * rows_per_lane, k), float("-inf")),
-                        torch.full((lanes * rows_per_lane, k), -1, dtype=torch.long, device=block.device))
-            rows = (torch.tensor(block_lanes, device=block.device).view(-1, 1) * rows_per_lane
-                    + torch.arange(rows_per_lane, device=block.device)).view(-1)
+            rows = (torch.tensor(block_lanes, device=self.device).view(-1, 1) * rows_per_lane
+                    + torch.arange(rows_per_lane, device=self.device)).view(-1)
             top, slots = block.topk(min(k, block.shape[1]), dim=-1)
             slots = (slots + first).masked_fill(top == float("-inf"), -1)
-            top, slots = torch.cat([best[0][rows], top], 1), torch.cat([best[1][rows], slots], 1)
+            top, slots = torch.cat([best_scores[rows], top], 1), torch.cat([best_slots[rows], slots], 1)
             top, order = top.topk(k, dim=-1)
-            best[0][rows], best[1][rows] = top, slots.gather(1, order)
-        return best  # type: ignore[return-value]
+            best_scores[rows], best_slots[rows] = top, slots.gather(1, order)
+        return best_scores, best_slots
 
 
 def knn_store_bytes(config: ModelConfig, lanes: int) -> int:
@@ -273,7 +270,10 @@ def knn_store_bytes(config: ModelConfig, lanes: int) -> int:
 def knn_store_device(location: str, config: ModelConfig, lanes: int, device: torch.device) -> torch.device:
     """Where the kNN stores of training live for a model on `device`, by `--data-location`: on the GPU with `gpu`, in
     CPU memory with `cpu` or `memmap`; `auto`: on the GPU when full stores for training and for validation (as many
-    lanes) together take under a quarter of its free memory, else in CPU memory (searched there with faiss)."""
+    lanes) together take under a quarter of its free memory, else in CPU memory (searched there with faiss). A model
+    without kNN memory has no stores: `device`, without asking the GPU."""
+    if config.memory != "knn":
+        return device
     if device.type != "cuda" or location in ("cpu", "memmap"):
         return torch.device("cpu")
     if location == "gpu" or 2 * knn_store_bytes(config, lanes) < torch.cuda.mem_get_info(device)[0] / 4:
