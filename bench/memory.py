@@ -25,7 +25,6 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from common import CACHE, corpus_files, median_seconds, write_section
@@ -120,6 +119,8 @@ def train_run(store_root: Path, run: Path, mode: str, steps: int, seed: int) -> 
 
 
 def share_cores(threads: int) -> None:
+    import faiss  # here, not at the top: midigen.model.memory imports it after torch, as it must be
+
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
 
@@ -130,17 +131,12 @@ def train_missing_runs(root: Path, store: TokenStore, steps: int, seeds: int, jo
     Small models use two cores poorly: two single-threaded runs side by side finish 13% sooner than one after
     the other on two threads (150-step knn runs, 2 cores), though each run's own training minutes are longer."""
     # seed by seed, so that an interrupted bench can still score the first seeds; the slowest mode (knn) first
-    missing = [(mode, seed) for seed in range(seeds) for mode in reversed(MODES)
-               if not finished(run_folder(root, mode, steps, seed), steps)]
-    if jobs == 1:
-        for mode, seed in missing:
-            train_run(store.root, run_folder(root, mode, steps, seed), mode, steps, seed)
-        return
+    missing = [(mode, seed, run_folder(root, mode, steps, seed)) for seed in range(seeds) for mode in reversed(MODES)]
+    missing = [(mode, seed, run) for mode, seed, run in missing if not finished(run, steps)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawned, not forked: a fork of a process whose OpenMP threads have run can hang
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), share_cores, (threads,)) as pool:
-        for done in [pool.submit(train_run, store.root, run_folder(root, mode, steps, seed), mode, steps, seed)
-                     for mode, seed in missing]:
+        for done in [pool.submit(train_run, store.root, run, mode, steps, seed) for mode, seed, run in missing]:
             done.result()
 
 
@@ -300,6 +296,9 @@ def search_cost() -> str:
             "| entries per lane | faiss | torch |\n|---|---|---|\n" + "\n".join(rows))
 
 
+SEARCH_SAMPLE_STEPS = 6000  # the quality runs' batches over which the search is timed
+
+
 def lane_sizes_in_training(store: TokenStore, steps: int, every: int) -> list[np.ndarray]:
     """Entries per lane in the kNN memory at every `every`-th step of the quality runs' batches (seed 0): the
     tokens of each lane's piece before its XL window, up to the memory's capacity."""
@@ -313,7 +312,7 @@ def training_search_cost(store: TokenStore) -> str:
     """Search time per step as the quality runs meet it: lanes deep in long pieces next to lanes early in short ones."""
     keep_freed_memory()  # as the trainer does on CPU: the score blocks are not mapped afresh at every search
     config = model_config("knn")
-    samples = lane_sizes_in_training(store, steps=6000, every=150)
+    samples = lane_sizes_in_training(store, steps=SEARCH_SAMPLE_STEPS, every=150)
     deepest = int(max(sizes.max() for sizes in samples))
     keys = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, deepest, config.head_dim), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(LANES, config.n_heads, CONTEXT, config.head_dim), dim=-1)
@@ -329,9 +328,9 @@ def training_search_cost(store: TokenStore) -> str:
             memory.write(keys[:, :, :length], keys[:, :, :length], valid)
             times.append(median_seconds(lambda: memory.search(queries), repeats=3) if length else 0.0)
     entries = np.array(samples)
-    return (f"Search time per step in training (faiss) at {len(samples)} steps spread over the quality runs' 6,000 "
-            f"(seed 0's batches): the lanes hold {entries.mean():,.0f} entries on average, the fullest lane of a "
-            f"step {entries.max(1).mean():,.0f}. Searching each lane only as deep as it is full takes "
+    return (f"Search time per step in training (faiss) at {len(samples)} steps spread over the first "
+            f"{SEARCH_SAMPLE_STEPS:,} of the quality runs' batches (seed 0's): the lanes hold {entries.mean():,.0f} "
+            f"entries on average, the fullest lane of a step {entries.max(1).mean():,.0f}. Searching each lane only as deep as it is full takes "
             f"**{1000 * np.mean(own_end):.0f} ms** a step; searching every lane as deep as the fullest one (as the "
             f"search did before 2026-12-01) takes {1000 * np.mean(fullest_end):.0f} ms.")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,13 @@ def test_knn_search_over_lanes_of_different_sizes_scores_each_only_up_to_its_own
         got_values = found.values[found.rows[lane]][found.valid[lane]].view(heads, 6, -1, dim)
         expected_values = values[lane][torch.arange(heads).view(-1, 1, 1), best.indices]
         torch.testing.assert_close(got_values.sum(2), expected_values.sum(2), atol=1e-5, rtol=0)
+
+
+def test_the_knn_memory_loads_torch_before_faiss() -> None:
+    """Loaded first, faiss brings an OpenMP runtime of its own beside torch's, and the search slows down 8×."""
+    order = "import sys, midigen.model.memory; names = list(sys.modules); print(names.index('torch') < names.index('faiss'))"
+    result = subprocess.run([sys.executable, "-c", order], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

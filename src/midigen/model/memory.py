@@ -24,10 +24,12 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
+
+# after torch: imported first, faiss loads an OpenMP runtime of its own beside torch's, and searches take 8× as long
+import faiss
 
 from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
