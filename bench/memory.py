@@ -43,15 +43,16 @@ from midigen.training.recipe import load_trained, train
 CORPORA = ("beethoven-quartets", "palestrina")
 CONTEXT = 128
 LANES = 8
+LAYERS = 4  # the quality runs' depth unless --layers says otherwise
 MODES = ("none", "xl", "knn")
 RETRIEVAL_OFF = "knn, retrieval off"  # the knn model scored without what its search finds
 WINDOW_BUCKETS = ((0, 16), (16, 64), (64, CONTEXT))
 PIECE_BUCKETS = ((0, 4 * CONTEXT), (4 * CONTEXT, 16 * CONTEXT), (16 * CONTEXT, 10**9))
 
 
-def model_config(memory: str) -> ModelConfig:
-    # a 4-layer model; the kNN layer is the 3rd, next to the top as in Memorizing Transformers
-    return ModelConfig.preset("small", TokenizerConfig(), d_model=128, n_layers=4, n_heads=4, context=CONTEXT,
+def model_config(memory: str, layers: int = LAYERS) -> ModelConfig:
+    # 128 wide; the kNN layer is the one below the top, near the output as in Memorizing Transformers
+    return ModelConfig.preset("small", TokenizerConfig(), d_model=128, n_layers=layers, n_heads=4, context=CONTEXT,
                               memory=memory, knn_layer=-2)
 
 
@@ -103,19 +104,20 @@ def training_minutes(run: Path) -> float:
     return json.loads(last)["elapsed_s"] / 60
 
 
-def run_folder(root: Path, mode: str, steps: int, seed: int) -> Path:
-    return root / (f"run-{mode}-{steps}" if seed == 0 else f"run-{mode}-{steps}-seed{seed}")
+def run_folder(root: Path, mode: str, steps: int, seed: int, layers: int) -> Path:
+    parent = root if layers == LAYERS else root / f"{layers}-layers"
+    return parent / (f"run-{mode}-{steps}" if seed == 0 else f"run-{mode}-{steps}-seed{seed}")
 
 
 def finished(run: Path, steps: int) -> bool:
     return (run / "checkpoint.pt").exists() and load_trained(run).step >= steps
 
 
-def train_run(store_root: Path, run: Path, mode: str, steps: int, seed: int) -> None:
+def train_run(store_root: Path, run: Path, model: ModelConfig, steps: int, seed: int) -> None:
     shutil.rmtree(run, ignore_errors=True)
     config = TrainConfig(max_steps=steps, batch_size=LANES, batching="contiguous", eval_interval=steps,
                          warmup_steps=100, device="cpu", seed=seed)
-    train(store_root, run, model_config(mode), config)
+    train(store_root, run, model, config)
 
 
 def share_cores(threads: int) -> None:
@@ -125,30 +127,31 @@ def share_cores(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def train_missing_runs(root: Path, store: TokenStore, steps: int, seeds: int, jobs: int) -> None:
+def train_missing_runs(root: Path, store: TokenStore, steps: int, seeds: int, layers: int, jobs: int) -> None:
     """Train every mode and seed not finished yet, `jobs` runs at a time on a share of the cores each.
 
     Small models use two cores poorly: two single-threaded runs side by side finish 13% sooner than one after
     the other on two threads (150-step knn runs, 2 cores), though each run's own training minutes are longer."""
     # seed by seed, so that an interrupted bench can still score the first seeds; the slowest mode (knn) first
-    missing = [(mode, seed, run_folder(root, mode, steps, seed)) for seed in range(seeds) for mode in reversed(MODES)]
+    missing = [(mode, seed, run_folder(root, mode, steps, seed, layers))
+               for seed in range(seeds) for mode in reversed(MODES)]
     missing = [(mode, seed, run) for mode, seed, run in missing if not finished(run, steps)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawned, not forked: a fork of a process whose OpenMP threads have run can hang
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), share_cores, (threads,)) as pool:
-        for done in [pool.submit(train_run, store.root, run, mode, steps, seed) for mode, seed, run in missing]:
+        for done in [pool.submit(train_run, store.root, run, model_config(mode, layers), steps, seed) for mode, seed, run in missing]:
             done.result()
 
 
-def quality(root: Path, steps: int, seeds: int, jobs: int) -> str:
+def quality(root: Path, steps: int, seeds: int, layers: int, jobs: int) -> str:
     store = long_piece_store(root)
-    train_missing_runs(root, store, steps, seeds, jobs)
+    train_missing_runs(root, store, steps, seeds, layers, jobs)
     lengths = [s.length for s in store.songs]
     val_corpora = Counter(Path(store.songs[i].path).parent.name for i in store.split_indices("val"))
     scores: dict[str, list[dict[str, float]]] = {}  # per mode, one table row per seed
     minutes: dict[str, list[float]] = {}
     for mode in MODES:
-        runs = [run_folder(root, mode, steps, seed) for seed in range(seeds)]
+        runs = [run_folder(root, mode, steps, seed, layers) for seed in range(seeds)]
         minutes[mode] = [training_minutes(run) for run in runs]
         scores[mode] = [nll_by_position(run, store) for run in runs]
         if mode == "knn":
@@ -176,7 +179,8 @@ def quality(root: Path, steps: int, seeds: int, jobs: int) -> str:
         f"(median {int(np.median(lengths))}, longest {max(lengths)} tokens); "
         f"{len(store.split_indices('train'))} train, {len(store.split_indices('val'))} validation ("
         + ", ".join(f"{n} {corpus}" for corpus, n in sorted(val_corpora.items())) + "). "
-        f"Model: 4 layers × 128 wide, 4 heads, context {CONTEXT}, XL memory of one segment, kNN on layer 3 "
+        f"Model: {layers} layers × 128 wide, 4 heads, context {CONTEXT}, XL memory of one segment, kNN on layer "
+        f"{model_config('knn', layers).knn_layer_index + 1} "
         f"(top-32, up to 65,536 entries per lane). {steps} steps of {LANES} lanes (contiguous batching), CPU, "
         f"each mode trained {seeds} times with seeds 0 to {seeds - 1} (a seed sets the initial weights and the "
         f"order of the batches, the same for every mode).\n\n"
@@ -341,6 +345,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training runs per mode, each with its own seed")
     parser.add_argument("--only", choices=("cost", "quality"), help="run one of the two measurements")
     parser.add_argument("--jobs", type=int, default=2, help="quality runs trained side by side, the cores shared")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="depth of the quality runs' model")
     args = parser.parse_args()
     root = CACHE / "memory"
     root.mkdir(parents=True, exist_ok=True)
@@ -348,8 +353,9 @@ def main() -> None:
         store = long_piece_store(root)
         write_section("Memory: cost", step_cost(store) + "\n\n" + search_cost() + "\n\n" + training_search_cost(store))
     if args.only != "cost":
-        write_section(f"Memory: quality on long pieces, {args.steps:,} steps a run",
-                      quality(root, args.steps, args.seeds, args.jobs))
+        depth = "" if args.layers == LAYERS else f", {args.layers} layers"
+        write_section(f"Memory: quality on long pieces{depth}, {args.steps:,} steps a run",
+                      quality(root, args.steps, args.seeds, args.layers, args.jobs))
 
 
 if __name__ == "__main__":

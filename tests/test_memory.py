@@ -140,6 +140,13 @@ def test_the_knn_memory_loads_torch_before_faiss() -> None:
     assert result.stdout.strip() == "True"
 
 
+@pytest.mark.parametrize("first", ["faiss", "torch"])
+def test_a_caller_who_imports_faiss_before_torch_is_warned(first: str) -> None:
+    imports = f"import {first}, faiss, torch, midigen.model.memory"
+    result = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, check=True)
+    assert ("faiss was imported before torch" in result.stderr) == (first == "faiss")
+
+
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_a_restored_knn_memory_searches_and_evicts_like_the_original(backend: str) -> None:
     torch.manual_seed(0)
