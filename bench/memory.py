@@ -139,7 +139,9 @@ def train_missing_runs(root: Path, store: TokenStore, steps: int, seeds: int, la
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawned, not forked: a fork of a process whose OpenMP threads have run can hang
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), share_cores, (threads,)) as pool:
-        for done in [pool.submit(train_run, store.root, run, model_config(mode, layers), steps, seed) for mode, seed, run in missing]:
+        runs = [pool.submit(train_run, store.root, run, model_config(mode, layers), steps, seed)
+                for mode, seed, run in missing]
+        for done in runs:
             done.result()
 
 
