@@ -337,9 +337,8 @@ def training_search_cost(store: TokenStore) -> str:
     return (f"Search time per step in training (faiss) at {len(samples)} steps spread over the first "
             f"{SEARCH_SAMPLE_STEPS:,} of the quality runs' batches (seed 0's): the lanes hold {entries.mean():,.0f} "
             f"entries on average, the fullest lane of a step {entries.max(1).mean():,.0f}. Searching each lane only "
-            f"as deep as it is full takes "
-            f"**{1000 * np.mean(own_end):.0f} ms** a step; searching every lane as deep as the fullest one (as the "
-            f"search did before 2026-12-01) takes {1000 * np.mean(fullest_end):.0f} ms.")
+            f"as deep as it is full takes **{1000 * np.mean(own_end):.0f} ms** a step; searching every lane as deep as "
+            f"the fullest one (as the search did before 2026-12-01) takes {1000 * np.mean(fullest_end):.0f} ms.")
 
 
 def main() -> None:
