@@ -14,9 +14,9 @@ import torch
 from common import write_section
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
-from midigen.generation.generate import MemoryDecoder, SlidingWindowDecoder
-from midigen.generation.grammar import Grammar
-from midigen.generation.sampling import SamplingConfig, sample_token
+from midigen.inference.generate import MemoryDecoder, SlidingWindowDecoder
+from midigen.inference.grammar import Grammar
+from midigen.inference.sampling import SamplingConfig, sample_token
 from midigen.model import ModelConfig, MusicTransformer
 
 NEW_TOKENS = 1024

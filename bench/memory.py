@@ -38,7 +38,8 @@ from midigen.model import ModelConfig, MusicTransformer
 from midigen.model.memory import KnnMemory, MemoryState
 from midigen.training.config import TrainConfig
 from midigen.training.host_memory import keep_freed_memory
-from midigen.training.recipe import load_trained, train
+from midigen.inference.model_files import load_model
+from midigen.training.recipe import train
 
 CORPORA = ("beethoven-quartets", "palestrina")
 CONTEXT = 128
@@ -74,7 +75,7 @@ def long_piece_store(root: Path) -> TokenStore:
 
 
 def nll_by_position(run: Path, store: TokenStore, retrieval: bool = True) -> dict[str, float]:
-    trained = load_trained(run, "cpu")
+    trained = load_model(run, "cpu")
     if not retrieval:  # the kNN model's own network: its gate shut, the kNN layer attends only locally
         trained.model.blocks[trained.model_config.knn_layer_index].attn.gate.data.fill_(-1e4)
     data = TokenArrays(store, "memmap")
@@ -110,7 +111,7 @@ def run_folder(root: Path, mode: str, steps: int, seed: int, layers: int) -> Pat
 
 
 def finished(run: Path, steps: int) -> bool:
-    return (run / "checkpoint.pt").exists() and load_trained(run).step >= steps
+    return (run / "checkpoint.pt").exists() and load_model(run).step >= steps
 
 
 def train_run(store_root: Path, run: Path, model: ModelConfig, steps: int, seed: int) -> None:

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
-from midigen.generation.generate import generate, load_prompt
-from midigen.generation.grammar import Grammar
-from midigen.generation.sampling import SamplingConfig
+from midigen.inference.generate import generate, load_prompt
+from midigen.inference.grammar import Grammar
+from midigen.inference.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model.memory import KnnMemory, MemoryState
 from midigen.training.config import TrainConfig
-from midigen.training.recipe import load_trained, train
+from midigen.inference.model_files import load_model
+from midigen.training.recipe import train
 
 DEVICE = torch.device(os.environ.get("MIDIGEN_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
@@ -86,7 +87,7 @@ def test_train_resume_and_generate_on_the_device(mode: str, location: str, promp
     train(prompt_store, run, model_config, TrainConfig(max_steps=4, **settings), progress=False)
     result, _ = train(prompt_store, run, None, TrainConfig(max_steps=8, **settings), resume=True, progress=False)
     assert result.step == 8 and np.isfinite(result.val["val_loss"])
-    trained = load_trained(run, DEVICE.type)
+    trained = load_model(run, DEVICE.type)
     tokenizer = SeedTokenizer(TokenizerConfig())
     prompt = load_prompt(sorted((Path(__file__).parent / "data" / "prompts").glob("*.mid"))[0], 100, tokenizer)
     generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)

@@ -12,7 +12,7 @@ import pytest
 
 from midigen.data.store import TokenStore
 from midigen.evaluation.nll import evaluate_split, fit_bigram
-from midigen.training.recipe import load_trained
+from midigen.inference.model_files import load_model
 
 
 def test_bigram_is_add_one_smoothed_counts() -> None:
@@ -23,7 +23,7 @@ def test_bigram_is_add_one_smoothed_counts() -> None:
 
 
 def test_evaluation_scores_every_token_of_the_split_once(tiny_run: Path, prompt_store: Path) -> None:
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     store = TokenStore(prompt_store)
     figures = evaluate_split(trained.model, store, "val", batch_size=3)
     songs = store.split_indices("val")

@@ -13,10 +13,10 @@ import symusic
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
 from midigen.codec.midi_io import CONTINUATION_MARKER
-from midigen.generation.generate import empty_prompt, generate, generation_score, load_prompt
-from midigen.generation.grammar import Grammar
-from midigen.generation.sampling import SamplingConfig
-from midigen.training.recipe import load_trained
+from midigen.inference.generate import empty_prompt, generate, generation_score, load_prompt
+from midigen.inference.grammar import Grammar
+from midigen.inference.sampling import SamplingConfig
+from midigen.inference.model_files import load_model
 
 TOKENIZER = SeedTokenizer(TokenizerConfig())
 FUER_ELISE = Path(__file__).parent / "data" / "prompts" / "Fuer_Elise_-_Ludwig_Van_Beethoven_-_Verse.mid"
@@ -52,7 +52,7 @@ def test_grammar_repeats_a_pitch_only_where_unisons_are_kept(prompt_files: list[
 
 
 def test_200_generations_decode_to_midi_with_notes(tiny_run: Path) -> None:
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     grammar = Grammar(TOKENIZER.config)
     rng = np.random.default_rng(0)
     settings = [SamplingConfig(temperature=float(t), seed=i) for i, t in enumerate(rng.uniform(0.1, 5.0, 196))]
@@ -66,13 +66,13 @@ def test_200_generations_decode_to_midi_with_notes(tiny_run: Path) -> None:
 
 
 def test_same_seed_same_music(tiny_run: Path) -> None:
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     runs = [generate(trained, empty_prompt(TOKENIZER), SamplingConfig(seed=7), new_tokens=30) for _ in range(2)]
     assert np.array_equal(runs[0].sequence.tokens, runs[1].sequence.tokens)
 
 
 def test_continuation_keeps_the_prompt_and_marks_where_it_starts(tiny_run: Path) -> None:
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     prompt = load_prompt(FUER_ELISE, 2, TOKENIZER)
     generation = generate(trained, prompt, SamplingConfig(seed=0), bars=2)
     score = generation_score(generation, TOKENIZER)
@@ -92,7 +92,7 @@ def test_continuation_keeps_the_prompt_and_marks_where_it_starts(tiny_run: Path)
 
 
 def test_prompt_longer_than_the_context_slides(tiny_run: Path, prompt_files: list[Path]) -> None:
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     longest = max(prompt_files, key=lambda p: len(TOKENIZER.encode(p)))
     prompt = load_prompt(longest, 100, TOKENIZER)
     assert len(prompt.sequence) > trained.model_config.context
@@ -117,8 +117,9 @@ def test_cli_writes_a_continuation_with_its_picture_and_sound(tiny_run: Path, tm
 
 
 def bad_inputs(tiny_run: Path, tmp_path: Path) -> list[tuple[str, list[str], str]]:
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes((tiny_run / "checkpoint.pt").read_bytes()[:1000])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, corrupt)
+    (corrupt / "checkpoint.safetensors").write_bytes((tiny_run / "checkpoint.safetensors").read_bytes()[:1000])
     text = tmp_path / "text.mid"
     text.write_text("not midi at all")
     silent = tmp_path / "silent.mid"
@@ -128,8 +129,8 @@ def bad_inputs(tiny_run: Path, tmp_path: Path) -> list[tuple[str, list[str], str
     out = str(tmp_path / "x.mid")
     run = str(tiny_run)
     return [
-        ("missing checkpoint", [str(tmp_path / "nope"), "--bars", "1", "-o", out], "no such checkpoint"),
-        ("corrupt checkpoint", [str(corrupt), "--bars", "1", "-o", out], "not a readable midigen checkpoint"),
+        ("missing checkpoint", [str(tmp_path / "nope"), "--bars", "1", "-o", out], "no such run or model folder"),
+        ("corrupt checkpoint", [str(corrupt), "--bars", "1", "-o", out], "not a safetensors file"),
         ("prompt is not MIDI", [run, "--prompt", str(text), "--bars", "1", "-o", out], "not a MIDI file"),
         ("prompt without notes", [run, "--prompt", str(silent), "--bars", "1", "-o", out], "no notes"),
         ("zero prompt bars", [run, "--prompt", str(FUER_ELISE), "--prompt-bars", "0", "--bars", "1", "-o", out],

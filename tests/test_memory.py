@@ -18,15 +18,16 @@ from midigen.codec import SeedTokenizer, TokenizerConfig
 from midigen.data.batching import SongLanes, TokenArrays
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
-from midigen.generation.generate import MemoryDecoder, empty_prompt, generate, load_prompt
-from midigen.generation.grammar import Grammar
-from midigen.generation.sampling import SamplingConfig
+from midigen.inference.generate import MemoryDecoder, empty_prompt, generate, load_prompt
+from midigen.inference.grammar import Grammar
+from midigen.inference.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model import memory as memory_module
 from midigen.model.memory import KnnMemory, MemoryState, announce_search, knn_store_bytes, knn_store_device
 from midigen.model.transformer import Neighbours
 from midigen.training.config import TrainConfig
-from midigen.training.recipe import load_trained, train
+from midigen.inference.model_files import load_model
+from midigen.training.recipe import train
 
 TOKENIZER = SeedTokenizer(TokenizerConfig())
 
@@ -367,7 +368,7 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
     train(prompt_store, run, model_config, TrainConfig(max_steps=4, **settings), progress=False)
     result, _ = train(prompt_store, run, None, TrainConfig(max_steps=8, **settings), resume=True, progress=False)
     assert result.step == 8 and np.isfinite(result.val["val_loss"])
-    trained = load_trained(run)
+    trained = load_model(run)
     assert trained.model_config.memory == mode
     long_prompt = load_prompt(max(sorted((Path(__file__).parent / "data" / "prompts").glob("*.mid")),
                                   key=lambda p: len(TOKENIZER.encode(p))), 100, TOKENIZER)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from midigen.codec import TokenizerConfig
-from midigen.generation.generate import SlidingWindowDecoder
+from midigen.inference.generate import SlidingWindowDecoder
 from midigen.model import KV, ModelConfig, MusicTransformer
 from midigen.model import transformer as transformer_module
 from midigen.model.transformer import bucket_distances, relative_buckets, toeplitz

@@ -20,7 +20,8 @@ from midigen.errors import MidigenError
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
 from midigen.training.host_memory import keep_freed_memory
-from midigen.training.recipe import load_trained, train
+from midigen.inference.model_files import load_model
+from midigen.training.recipe import train
 from midigen.training.trainer import learning_rate
 
 MODEL = ModelConfig.preset("tiny", TokenizerConfig())
@@ -32,7 +33,7 @@ def config(**overrides: object) -> TrainConfig:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_trained(run).model.state_dict()
+    return load_model(run).model.state_dict()
 
 
 def interrupt_at_batch(monkeypatch: pytest.MonkeyPatch, sampler: type, batch: int) -> None:
@@ -63,7 +64,7 @@ def test_resume_after_ctrl_c_gives_the_same_weights(memory: str, prompt_store: P
         interrupt_at_batch(patch, RandomChunks if memory == "none" else SongLanes, 4)
         first, _ = train(prompt_store, resumed, model, config(), progress=False)
     assert first.interrupted and first.step == 4  # the step in flight finishes, then a checkpoint is written
-    assert load_trained(resumed).step == 4
+    assert load_model(resumed).step == 4
     second, _ = train(prompt_store, resumed, None, config(), resume=True, progress=False)
     assert second.step == 8
     a, b = weights(straight), weights(resumed)
@@ -79,7 +80,7 @@ def test_run_folder_holds_checkpoint_metrics_and_loss_curve(tiny_run: Path) -> N
     assert any("val_loss" in row for row in rows)
     assert rows[-1]["step"] == 30
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    trained = load_trained(tiny_run)
+    trained = load_model(tiny_run)
     assert trained.model_config == MODEL and trained.tokenizer == TokenizerConfig() and trained.step == 30
     train_losses = [row["train_loss"] for row in rows if "train_loss" in row]
     assert train_losses[-1] < train_losses[0]  # it learns
@@ -91,14 +92,14 @@ def test_existing_run_is_not_overwritten(tiny_run: Path, prompt_store: Path) -> 
 
 
 def test_resume_needs_a_checkpoint(prompt_store: Path, tmp_path: Path) -> None:
-    with pytest.raises(MidigenError, match="no such checkpoint|nothing to resume"):
+    with pytest.raises(MidigenError, match="no such run|nothing to resume"):
         train(prompt_store, tmp_path / "empty", None, config(), resume=True, progress=False)
 
 
 def test_time_budget_stops_training(prompt_store: Path, tmp_path: Path) -> None:
     result, _ = train(prompt_store, tmp_path / "timed", MODEL, config(max_steps=None, max_minutes=0.002), progress=False)
     assert result.stopped_by == "max_minutes" and result.step >= 1
-    assert load_trained(tmp_path / "timed").step == result.step
+    assert load_model(tmp_path / "timed").step == result.step
 
 
 def test_per_head_settings_are_not_weight_decayed(prompt_store: Path, tmp_path: Path) -> None:
@@ -138,7 +139,7 @@ def test_two_ddp_processes_keep_identical_weights(prompt_store: Path, tmp_path: 
     for name, tensor in rank0["weights"].items():
         torch.testing.assert_close(tensor, rank1["weights"][name], atol=0, rtol=0)
     assert rank0["loss"] != rank1["loss"]  # each rank trained on its own batches
-    assert load_trained(tmp_path / "run").step == 6
+    assert load_model(tmp_path / "run").step == 6
 
 
 def test_compiled_training_matches_eager(prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

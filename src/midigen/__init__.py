@@ -12,6 +12,17 @@ from midigen.codec import (  # noqa: E402
 )
 from midigen.errors import BadMidiError, MidigenError  # noqa: E402
 
+
+
+def __getattr__(name: str) -> object:
+    # `midigen.load_model` without importing torch for every `import midigen` (the CLI's --help, the codec)
+    if name == "load_model":
+        from midigen.inference.model_files import load_model
+
+        return load_model
+    raise AttributeError(f"module 'midigen' has no attribute {name!r}")
+
+
 __all__ = [
     "BadMidiError",
     "BarGrid",
@@ -20,6 +31,7 @@ __all__ = [
     "TokenSequence",
     "TokenizerConfig",
     "__version__",
+    "load_model",
     "show_position_score",
     "show_sparse_score",
 ]

@@ -53,8 +53,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoReport:
     from midigen.evaluation.nll import evaluate_split
     from midigen.model.config import ModelConfig
     from midigen.training.config import TrainConfig
-    from midigen.training.recipe import load_trained, train
-    from midigen.training.trainer import CHECKPOINT_FILE
+    from midigen.inference.model_files import load_model
+    from midigen.training.recipe import train
 
     out = config.out_dir
     log.info("1/5 exporting the Bach chorales from music21's corpus to %s", out / "corpus")
@@ -63,14 +63,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoReport:
     encode_files(corpus.paths, out / "store")
     store = TokenStore(out / "store")
     run = out / "run"
-    resume = (run / CHECKPOINT_FILE).exists()
+    resume = reusable_run(run)
     log.info("3/5 training the small preset for up to %d steps or %.0f minutes%s", config.max_steps, config.minutes,
              " (resuming)" if resume else "")
     train_config = TrainConfig(max_steps=config.max_steps, max_minutes=config.minutes, device=config.device,
                                seed=config.seed, eval_interval=250)
     model_config = None if resume else ModelConfig.preset("small", store.config)
     train(store.root, run, model_config, train_config, resume=resume)
-    trained = load_trained(run, config.device)
+    trained = load_model(run, config.device)
     log.info("4/5 evaluating on the validation chorales")
     figures = evaluate_split(trained.model, store, "val", progress=True)
     atomic_write_text(out / "eval.json", json.dumps(figures, indent=2) + "\n")
@@ -81,6 +81,24 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoReport:
     return report
 
 
+def reusable_run(run: Path) -> bool:
+    """Whether an earlier demo's run folder loads safely and can be resumed; one that cannot (a pickled
+    checkpoint of an older midigen, damaged files) is moved aside, and the demo trains afresh."""
+    from midigen.inference.model_files import CHECKPOINT_FILE, load_model
+
+    if not run.exists():
+        return False
+    try:
+        load_model(run, "cpu")
+        return (run / CHECKPOINT_FILE).exists()
+    except MidigenError as exc:
+        aside = next(run.with_name(f"{run.name}.unusable-{n}") for n in range(1, 10**6)
+                     if not run.with_name(f"{run.name}.unusable-{n}").exists())
+        log.warning("%s cannot be reused (%s); moved to %s, training afresh", run, exc, aside)
+        run.rename(aside)
+        return False
+
+
 def prompts_for(store: Any, config: DemoConfig) -> list[Path]:
     chorales = [Path(store.songs[i].path) for i in store.split_indices("val")[: config.validation_prompts]]
     extra = sorted(config.extra_prompts.glob("*.mid"))[:1] if config.extra_prompts.is_dir() else []
@@ -88,8 +106,8 @@ def prompts_for(store: Any, config: DemoConfig) -> list[Path]:
 
 
 def write_pieces(trained: Any, store: Any, config: DemoConfig, report: DemoReport) -> None:
-    from midigen.generation.generate import empty_prompt, generate, load_prompt, write_generation
-    from midigen.generation.sampling import SamplingConfig
+    from midigen.inference.generate import empty_prompt, generate, load_prompt, write_generation
+    from midigen.inference.sampling import SamplingConfig
 
     tokenizer = SeedTokenizer(trained.tokenizer)
     folder = config.out_dir / "generated"

@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from midigen.errors import MidigenError
     from midigen.evaluation.nll import evaluate_split
     from midigen.io_utils import atomic_write_text
-    from midigen.training.recipe import load_trained
+    from midigen.inference.model_files import load_model
 
-    trained = load_trained(args.run_dir, args.device)
+    trained = load_model(args.run_dir, args.device)
     store = TokenStore(args.data)
     if store.config != trained.tokenizer:
         raise MidigenError(f"{args.data}: store was encoded with another tokenizer than the model's")

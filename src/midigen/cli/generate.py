@@ -36,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from midigen.codec.tokenizer import SeedTokenizer
-    from midigen.generation.generate import empty_prompt, generate, load_prompt, write_generation
-    from midigen.generation.sampling import SamplingConfig
-    from midigen.training.recipe import load_trained
+    from midigen.inference.generate import empty_prompt, generate, load_prompt, write_generation
+    from midigen.inference.sampling import SamplingConfig
+    from midigen.inference.model_files import load_model
 
     from pathlib import Path
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if wav is not None:
         find_fluidsynth(), find_soundfont(args.soundfont)  # a missing synthesizer or SoundFont stops us first
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    trained = load_trained(args.run_dir, args.device)
+    trained = load_model(args.run_dir, args.device)
     tokenizer = SeedTokenizer(trained.tokenizer)
     prompt = load_prompt(args.prompt, args.prompt_bars, tokenizer) if args.prompt else empty_prompt(tokenizer)
     generation = generate(trained, prompt, sampling, bars=args.bars, new_tokens=args.tokens)

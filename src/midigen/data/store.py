@@ -20,6 +20,7 @@ songs are handled by the offsets in `songs.jsonl`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import json
 from collections import Counter
@@ -120,6 +121,14 @@ class TokenStore:
 
     def split_indices(self, split: str) -> list[int]:
         return [i for i, song in enumerate(self.songs) if song.split == split]
+
+    def identity(self) -> str:
+        """A hash of what a model trained on this store learned from: the tokenizer config and each song's
+        content and split, in order (the same files encoded anywhere give the same identity)."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for song in self.songs:
+            digest.update(f"{song.hash} {song.split}\n".encode())
+        return digest.hexdigest()
 
     def skipped(self) -> list[SkippedFile]:
         return _read_journal(self.root / SKIPPED_FILE, SkippedFile)[0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from midigen.errors import MidigenError
+from midigen.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,6 @@ class Distributed:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MidigenError("--device cuda was asked for, but no CUDA GPU is available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device("cpu")
 
 
 def setup_distributed(device_name: str) -> Distributed:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from midigen.codec.config import TokenizerConfig
 from midigen.data.batching import RandomChunks, SongLanes, TokenArrays
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
@@ -19,22 +18,11 @@ from midigen.model.config import ModelConfig
 from midigen.model.memory import MemoryState, knn_store_device
 from midigen.model.transformer import MusicTransformer
 from midigen.training.config import TrainConfig
-from midigen.training.distributed import resolve_device, setup_distributed
-from midigen.training.trainer import CHECKPOINT_FILE, FitResult, Trainer, load_checkpoint_file
+from midigen.inference.model_files import CONFIG_FILE, RUN_KIND, model_folder, read_config, run_config_dict
+from midigen.training.distributed import setup_distributed
+from midigen.training.trainer import FitResult, Trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainedModel:
-    """A model restored from a checkpoint, with the configs it was trained with."""
-
-    model: MusicTransformer
-    tokenizer: TokenizerConfig
-    model_config: ModelConfig
-    train_config: TrainConfig
-    path: Path
-    step: int
 
 
 def open_training_store(path: str | Path) -> TokenStore:
@@ -112,6 +100,12 @@ def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig,
     return SongLanes(data, songs, model_config.context, config.batch_size, seed, mode, config.max_transpose)
 
 
+def store_description(store: TokenStore) -> dict[str, Any]:
+    """What a run records of the store it learned from (its identity tells two stores apart wherever they lie)."""
+    return {"path": str(store.root), "identity": store.identity(), "songs": len(store),
+            "tokens": store.num_tokens, "training_songs": len(store.split_indices("train"))}
+
+
 def train(
     store_path: str | Path,
     run_dir: str | Path,
@@ -124,9 +118,16 @@ def train(
     run_dir = Path(run_dir)
     store = open_training_store(store_path)
     if resume:
-        checkpoint = load_checkpoint_file(run_dir / CHECKPOINT_FILE)
-        model_config = ModelConfig.from_dict(checkpoint["configs"]["model"])
-        saved_train = TrainConfig.from_dict(checkpoint["configs"]["train"])
+        saved = read_config(model_folder(run_dir))
+        if saved["kind"] != RUN_KIND:
+            raise MidigenError(f"{run_dir}: a model folder, not a run folder: there is no training state to resume")
+        if saved["tokenizer"] != store.config:
+            raise MidigenError(f"{store.root}: store was encoded with another tokenizer than the run's")
+        try:
+            saved_train = TrainConfig.from_dict(saved["train"], complete=True)
+        except MidigenError as exc:
+            raise MidigenError(f"{run_dir / CONFIG_FILE}: {exc}") from None
+        model_config = saved["model"]
         # a resumed run keeps its settings; only the budget may be changed
         train_config = replace(saved_train, max_steps=train_config.max_steps, max_minutes=train_config.max_minutes)
     model_config = model_config or ModelConfig.preset("small", store.config)
@@ -145,12 +146,7 @@ def train(
                  model_config.memory, model.num_parameters() / 1e6, dist.device)
     evaluate = validation_loss(data, validation_songs(store, val_songs, train_config.eval_tokens),
                                train_config.batch_size, dist.device, knn_device)
-    saved_configs: dict[str, Any] = {
-        "model": model_config.to_dict(),
-        "tokenizer": store.config.to_dict(),
-        "train": train_config.to_dict(),
-        "store": str(store.root),
-    }
+    run_config = run_config_dict(model_config, store.config, train_config.to_dict(), store_description(store))
     memory = MemoryState(model_config, train_config.batch_size, dist.device, knn_device)
     trainer = Trainer(
         model,
@@ -160,32 +156,11 @@ def train(
         SegmentLoss(memory),
         evaluate,
         dist,
-        saved_configs,
+        run_config,
         stateful={"sampler": sampler, "memory": memory},
         progress=progress,
     )
     return trainer.fit(resume=resume), trainer
 
 
-def load_trained(path: str | Path, device: str = "auto") -> TrainedModel:
-    """Restore a model from a run folder or a checkpoint file, ready for inference."""
-    checkpoint = load_checkpoint_file(path)
-    configs = checkpoint["configs"]
-    model_config = ModelConfig.from_dict(configs["model"])
-    model = MusicTransformer(model_config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise MidigenError(f"{path}: checkpoint weights do not fit its model config ({str(exc).splitlines()[0]})") from None
-    target = resolve_device(device)
-    return TrainedModel(
-        model=model.to(target).eval(),
-        tokenizer=TokenizerConfig.from_dict(configs["tokenizer"]),
-        model_config=model_config,
-        train_config=TrainConfig.from_dict(configs["train"]),
-        path=Path(path),
-        step=int(checkpoint["scheduler"]["step"]),
-    )
-
-
-__all__ = ["SegmentLoss", "TrainedModel", "load_trained", "open_training_store", "split_songs", "train"]
+__all__ = ["SegmentLoss", "open_training_store", "split_songs", "store_description", "train"]

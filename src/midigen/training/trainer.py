@@ -24,15 +24,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from midigen.errors import MidigenError
-from midigen.io_utils import atomic_path
+from midigen.inference.model_files import CHECKPOINT_FILE, CONFIG_FILE, LEGACY_CHECKPOINT_FILE, WEIGHT_PREFIX, run_weights
+from midigen.io_utils import atomic_path, atomic_write_text
+from midigen.state_files import load_state, load_weights, save_state, unique_state
 from midigen.training.config import TrainConfig
 from midigen.training.distributed import Distributed
 from midigen.training.host_memory import keep_freed_memory
 
-CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
-CHECKPOINT_FORMAT = 1
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
 
 
 def rank_checkpoint_path(run_dir: Path, rank: int) -> Path:
-    """Each rank's data, memory and RNG state, beside checkpoint.pt: it can be large (a kNN memory)
-    and only resuming needs it, while generation reads checkpoint.pt alone."""
-    return run_dir / f"checkpoint.rank{rank}.pt"
+    """Each rank's data, memory and RNG state, beside the checkpoint: it can be large (a kNN memory)
+    and only resuming needs it, while generation reads the checkpoint alone."""
+    return run_dir / f"checkpoint.rank{rank}.safetensors"
 
 
 class Trainer:
@@ -107,7 +107,7 @@ class Trainer:
         loss_fn: LossFn,
         evaluate: Callable[[nn.Module], dict[str, float]],
         dist: Distributed,
-        saved_configs: dict[str, dict[str, Any]],
+        run_config: dict[str, Any],
         stateful: dict[str, Stateful] | None = None,
         progress: bool = True,
     ) -> None:
@@ -116,13 +116,15 @@ class Trainer:
             keep_freed_memory()
         self.model = model.to(dist.device)
         self.batches, self.loss_fn, self.evaluate = batches, loss_fn, evaluate
-        self.saved_configs = saved_configs
+        self.run_config = run_config  # config.json: whatever the caller needs to rebuild the run
         self.stateful = stateful or {}
         self.progress = progress and dist.is_main
         self.optimizer = self._make_optimizer()
         self.step = 0
         self.elapsed_s = 0.0  # training time over all invocations (resumes included)
         self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.tokens_seen = 0  # scored tokens trained on, over all ranks and invocations
         wrapped: nn.Module = self.model
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -155,40 +157,57 @@ class Trainer:
         return {"step": self.step, "rng": rng, "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
 
     def save_checkpoint(self) -> None:
-        # the rank state first: a checkpoint.pt never points to a step whose rank state is missing
-        with atomic_path(rank_checkpoint_path(self.run_dir, self.dist.rank)) as tmp:
-            torch.save(self._rank_state(), tmp)
+        # the rank state first: a checkpoint never points to a step whose rank state is missing
+        save_state(rank_checkpoint_path(self.run_dir, self.dist.rank), self._rank_state())
         if self.dist.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "configs": self.saved_configs,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val},
-                "world_size": self.dist.world_size,
-            }
-            with atomic_path(self.run_dir / CHECKPOINT_FILE) as tmp:
-                torch.save(state, tmp)
+            schedule = {"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val,
+                        "last_val": self.last_val, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size}
+            weights = {WEIGHT_PREFIX + name: tensor for name, tensor in unique_state(self.model).items()}
+            save_state(self.run_dir / CHECKPOINT_FILE, {"optimizer": self.optimizer.state_dict(), "schedule": schedule},
+                       weights)
 
     def load_checkpoint(self) -> None:
-        main = load_checkpoint_file(self.run_dir / CHECKPOINT_FILE)
-        self.model.load_state_dict(main["model"])
-        self.optimizer.load_state_dict(main["optimizer"])
-        schedule = main["scheduler"]
-        self.step, self.elapsed_s, self.best_val = schedule["step"], schedule["elapsed_s"], schedule["best_val"]
-        path = rank_checkpoint_path(self.run_dir, self.dist.rank)
-        own = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-        if own is None or own.get("step") != self.step or main.get("world_size", 1) != self.dist.world_size:
+        path = self.run_dir / CHECKPOINT_FILE
+        state, _ = load_state(path)
+        weights, schedule = run_weights(self.run_dir)
+        load_weights(self.model, weights, path)
+        self._load_optimizer(state.get("optimizer"), path)
+        try:
+            self.step, self.elapsed_s = int(schedule["step"]), float(schedule["elapsed_s"])
+            self.best_val, self.last_val = schedule["best_val"], schedule["last_val"]
+            self.tokens_seen, world_size = int(schedule["tokens_seen"]), int(schedule["world_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MidigenError(f"{path}: damaged checkpoint schedule ({type(exc).__name__}: {exc})") from None
+        rank_path = rank_checkpoint_path(self.run_dir, self.dist.rank)
+        own = load_state(rank_path)[0] if rank_path.exists() else None
+        if not isinstance(own, dict) or own.get("step") != self.step or world_size != self.dist.world_size:
             # weights and optimiser resume; data order, memory and random numbers start afresh
             log.warning("%s: no data state for rank %d at step %d (or another world size); the data order "
                         "starts afresh", self.run_dir, self.dist.rank, self.step)
             return
-        torch.set_rng_state(own["rng"]["torch"])
-        if "cuda" in own["rng"] and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(own["rng"]["cuda"], self.dist.device)
-        for name, obj in self.stateful.items():
-            if name in own["stateful"]:
-                obj.load_state_dict(own["stateful"][name])
+        try:
+            torch.set_rng_state(own["rng"]["torch"])
+            if "cuda" in own["rng"] and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(own["rng"]["cuda"], self.dist.device)
+            for name, obj in self.stateful.items():
+                if name in own["stateful"]:
+                    obj.load_state_dict(own["stateful"][name])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, MidigenError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MidigenError(f"{rank_path}: damaged training state ({reason})") from None
+
+    def _load_optimizer(self, state: Any, path: Path) -> None:
+        """The optimiser's state, refused unless every moment has its parameter's shape."""
+        try:
+            self.optimizer.load_state_dict(state)
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    for name, value in self.optimizer.state.get(param, {}).items():
+                        if name != "step" and (not isinstance(value, Tensor) or value.shape != param.shape):
+                            raise ValueError(f"optimiser {name} does not fit a parameter of shape {tuple(param.shape)}")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MidigenError(f"{path}: damaged optimiser state ({reason})") from None
 
     # ---- logging ------------------------------------------------------------------------------
     def _log(self, row: dict[str, Any]) -> None:
@@ -235,6 +254,7 @@ class Trainer:
         self.model.eval()
         with self.autocast:
             figures = self.evaluate(self.model)
+        self.last_val = figures["val_loss"]
         if self.best_val is None or figures["val_loss"] < self.best_val:
             self.best_val = figures["val_loss"]
         return figures
@@ -248,8 +268,10 @@ class Trainer:
                 raise MidigenError(f"{self.run_dir}: nothing to resume (no {CHECKPOINT_FILE})")
             self.load_checkpoint()
             self._trim_metrics()
-        elif (self.run_dir / CHECKPOINT_FILE).exists():
+        elif any((self.run_dir / name).exists() for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE)):
             raise MidigenError(f"{self.run_dir}: already holds a run; pass --resume to continue it or use a new folder")
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(self.run_config, indent=2) + "\n")
         cfg = self.config
         start = time.monotonic()
         last_checkpoint = start
@@ -273,6 +295,7 @@ class Trainer:
                 self.step += 1
                 window_losses.append(loss)
                 window_tokens += scored * self.dist.world_size
+                self.tokens_seen += scored * self.dist.world_size
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     now = time.monotonic()
@@ -352,19 +375,3 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents, or a one-line error saying why it cannot be used."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.exists():
-        raise MidigenError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise MidigenError(f"{path}: not a readable midigen checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "configs" not in state:
-        raise MidigenError(f"{path}: not a midigen checkpoint")
-    return state

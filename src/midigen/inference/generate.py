@@ -14,11 +14,12 @@ from midigen.codec.midi_io import CONTINUATION_MARKER, first_tempo, read_notes, 
 from midigen.codec.timing import BarGrid
 from midigen.codec.tokenizer import SeedTokenizer, TokenSequence
 from midigen.errors import BadMidiError, MidigenError
-from midigen.generation.grammar import Grammar
-from midigen.generation.sampling import SamplingConfig, sample_token
+from midigen.inference.grammar import Grammar
+from midigen.inference.model_files import LoadedModel
+from midigen.inference.sampling import SamplingConfig, sample_token
 from midigen.model.memory import MemoryState
 from midigen.model.transformer import KV, MusicTransformer
-from midigen.training.recipe import TrainedModel
+
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Generation:
 
 
 def generate(
-    trained: TrainedModel,
+    trained: LoadedModel,
     prompt: Prompt,
     sampling: SamplingConfig,
     bars: int | None = None,
