@@ -1,6 +1,6 @@
 """midigen: learn music from MIDI files and write more of it."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from midigen.codec import (  # noqa: E402
     BarGrid,

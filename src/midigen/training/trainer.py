@@ -124,7 +124,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training time over all invocations (resumes included)
         self.best_val: float | None = None
         self.last_val: float | None = None
-        self.tokens_seen = 0  # scored tokens trained on, over all ranks and invocations
+        self.tokens_seen: int | None = 0  # scored tokens trained on, over all ranks and invocations
         wrapped: nn.Module = self.model
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -175,7 +175,9 @@ class Trainer:
         try:
             self.step, self.elapsed_s = int(schedule["step"]), float(schedule["elapsed_s"])
             self.best_val, self.last_val = schedule["best_val"], schedule["last_val"]
-            self.tokens_seen, world_size = int(schedule["tokens_seen"]), int(schedule["world_size"])
+            # None: a run converted from the old format, which did not count them
+            self.tokens_seen = None if schedule["tokens_seen"] is None else int(schedule["tokens_seen"])
+            world_size = int(schedule["world_size"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MidigenError(f"{path}: damaged checkpoint schedule ({type(exc).__name__}: {exc})") from None
         rank_path = rank_checkpoint_path(self.run_dir, self.dist.rank)
@@ -295,7 +297,8 @@ class Trainer:
                 self.step += 1
                 window_losses.append(loss)
                 window_tokens += scored * self.dist.world_size
-                self.tokens_seen += scored * self.dist.world_size
+                if self.tokens_seen is not None:
+                    self.tokens_seen += scored * self.dist.world_size
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     now = time.monotonic()
