@@ -26,17 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds allowed per file (default {DEFAULT_TIMEOUT_S:g})"
     )
+    parser.add_argument("--shard", metavar="I/N",
+                        help="encode only the I-th (from 0) of N equal shares of the sorted input files, e.g. one task "
+                             "of a SLURM job array; join the shards' stores with `midigen merge`")
     add_tokenizer_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from midigen.data.encode import encode_files
+    from midigen.data.encode import Shard, encode_files
 
     config = tokenizer_config(args)
+    shard = Shard.parse(args.shard) if args.shard else None
     summary = encode_files(
-        args.inputs, args.output, config, workers=args.workers, timeout_s=args.timeout, progress=not args.quiet
+        args.inputs, args.output, config, workers=args.workers, timeout_s=args.timeout, progress=not args.quiet,
+        shard=shard,
     )
     for path, reason in summary.skipped_now:
         print(f"skipped {path}: {reason}")

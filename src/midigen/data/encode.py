@@ -18,9 +18,33 @@ from midigen.codec.midi_io import MIDI_SUFFIXES
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S, EncodedSong, EncodeResult, encode_in_workers
 from midigen.data.splits import split_of
 from midigen.data.store import StoreWriter
+from midigen.errors import MidigenError
 from midigen.workers import ForkSafeProgress
 
 FLUSH_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The `index`-th (from 0) of `count` contiguous, equal shares of an encode's sorted input files, so that the
+    shards' stores, merged in shard order, hold the songs in the order one encode would."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise MidigenError(f"shard {self.index}/{self.count}: need 0 <= I < N (e.g. 0/8 ... 7/8)")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, slash, count = text.partition("/")
+        if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+            raise MidigenError(f"--shard {text!r}: expected I/N, e.g. 3/8")
+        return cls(int(index), int(count))
+
+    def of(self, paths: list[str]) -> list[str]:
+        return paths[self.index * len(paths) // self.count : (self.index + 1) * len(paths) // self.count]
 
 
 @dataclass
@@ -56,12 +80,16 @@ def encode_files(
     workers: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> EncodeSummary:
-    """Encode MIDI files (and folders, recursively) into a token store, resuming an interrupted one."""
+    """Encode MIDI files (and folders, recursively) into a token store, resuming an interrupted one; with `shard`,
+    only that share of the files (`midigen merge` joins the shards' stores)."""
     config = config or TokenizerConfig()
     workers = max(1, workers or os.cpu_count() or 1)
-    with StoreWriter(store_dir, config) as writer:
+    with StoreWriter(store_dir, config, shard=None if shard is None else (shard.index, shard.count)) as writer:
         paths = input_paths(inputs)
+        if shard is not None:
+            paths = shard.of(paths)
         todo = [path for path in paths if path not in writer.done]
         summary = EncodeSummary(Path(store_dir), {}, already_done=len(paths) - len(todo))
         if todo:

@@ -9,6 +9,7 @@ Layout:
     songs.jsonl      one row per song: path, hash, start, length, notes, split (the offsets index)
     skipped.jsonl    one row per file that could not be encoded: path, reason
     report.json      written last: files, encoded, tokens, skipped by reason; absent while unfinished
+    shard.json       only in a store of one shard of an encode (`--shard I/N`): {"index": I, "count": N}
     .lock            held by the one encode that may write the store
 
 The arrays and the two journals are append-only, and a song's row is written only after its tokens
@@ -44,6 +45,7 @@ SONGS_FILE = "songs.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 REPORT_FILE = "report.json"
 LOCK_FILE = ".lock"
+SHARD_FILE = "shard.json"
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,25 @@ class TokenStore:
     def skipped(self) -> list[SkippedFile]:
         return _read_journal(self.root / SKIPPED_FILE, SkippedFile)[0]
 
+    def shard(self) -> tuple[int, int] | None:
+        """(I, N) for the store of shard I of N of an encode, else None."""
+        return _read_shard(self.root)
+
+
+def _read_shard(root: Path) -> tuple[int, int] | None:
+    path = root / SHARD_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return int(data["index"]), int(data["count"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MidigenError(f"{path}: damaged shard description ({exc})") from None
+
+
+def _shard_text(shard: tuple[int, int] | None) -> str:
+    return "all files" if shard is None else f"shard {shard[0]}/{shard[1]}"
+
 
 class StoreWriter:
     """Appends songs to a store, creating it or resuming an interrupted one.
@@ -141,20 +162,26 @@ class StoreWriter:
     files), not the songs' rows, so its memory grows by a few hundred bytes per file.
     """
 
-    def __init__(self, root: str | Path, config: TokenizerConfig) -> None:
+    def __init__(self, root: str | Path, config: TokenizerConfig, shard: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise MidigenError(f"{self.root}: exists and is not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         is_store = (self.root / CONFIG_FILE).exists()
-        if not is_store and any(p.name != LOCK_FILE for p in self.root.iterdir()):
+        if not is_store and any(p.name not in (LOCK_FILE, SHARD_FILE) for p in self.root.iterdir()):
             raise MidigenError(f"{self.root}: folder is not empty and is not a token store")
         self.lock = self._lock()
         if not is_store:
-            config.save(self.root / CONFIG_FILE)
+            if shard is not None:
+                atomic_write_text(self.root / SHARD_FILE, json.dumps({"index": shard[0], "count": shard[1]}) + "\n")
+            config.save(self.root / CONFIG_FILE)  # last: from now on the folder is a store
         elif TokenizerConfig.load(self.root / CONFIG_FILE) != config:
             self.lock.close()
             raise MidigenError(f"{self.root}: store was encoded with a different tokenizer config; use a new output folder")
+        elif _read_shard(self.root) != shard:
+            self.lock.close()
+            raise MidigenError(f"{self.root}: store holds another share of the files than {_shard_text(shard)} "
+                               f"({_shard_text(_read_shard(self.root))}); use a new output folder")
         self.config = config
         songs, songs_length = _read_journal(self.root / SONGS_FILE, SongEntry)
         skipped, skipped_length = _read_journal(self.root / SKIPPED_FILE, SkippedFile)
