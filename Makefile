@@ -7,13 +7,16 @@ CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup audio demo test bench clean
+.PHONY: setup audio browser demo test bench clean
 
-setup: $(STAMP) audio
+setup: $(STAMP) audio browser
 
+# The studio (`studio` extra) and audio prompts (`audio` extra, then basic-pitch without its dependencies, which
+# would pull TensorFlow: its ONNX model runs on onnxruntime).
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINT_FLAG) -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINT_FLAG) -e '.[test,studio,audio]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINT_FLAG) --no-deps 'basic-pitch==0.4.*'
 	touch $(STAMP)
 
 # FluidSynth and a General MIDI SoundFont for WAV rendering, where apt is available; never fatal.
@@ -24,6 +27,16 @@ audio:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null 2>&1)) \
 	    || echo "make setup: could not install fluidsynth; WAV rendering will be unavailable"; \
 	  else echo "make setup: fluidsynth not found (install it for WAV rendering)"; fi; }
+
+# Debian's Chromium for the studio's browser tests (Playwright drives it; it never downloads a browser), where apt
+# is available; never fatal here (in CI the browser tests fail without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+	    || echo "make setup: could not install chromium; the studio's browser tests will skip (and fail in CI)"; \
+	  else echo "make setup: chromium not found (install it for the studio's browser tests)"; fi; }
 
 demo: setup
 	$(VENV)/bin/midigen demo

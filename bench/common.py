@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 CACHE = ROOT / ".bench"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (each section by the script named in it); never edited by hand.\n"
+QUICK_BENCHMARKS = CACHE / "BENCHMARKS.quick.md"  # where `--quick` checks write: never BENCHMARKS.md
 
 
 def cpu_model() -> str:
@@ -30,9 +31,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_name() -> str:
+    """This machine's CPU as every section names it: core count and model."""
+    return f"{os.cpu_count()} CPU cores ({cpu_model()})"
+
+
 def machine() -> str:
     """CPU count and model, OS, Python; torch and the GPU too when the benchmark uses torch."""
-    parts = [f"{os.cpu_count()} CPU cores ({cpu_model()})", platform.platform(terse=True), f"Python {platform.python_version()}"]
+    parts = [cpu_name(), platform.platform(terse=True), f"Python {platform.python_version()}"]
     torch = sys.modules.get("torch")
     if torch is not None:
         gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
@@ -58,13 +64,36 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace the section `## title` of BENCHMARKS.md (or add it), keeping every other section."""
+def write_section(title: str, body: str, quick: bool = False) -> None:
+    """Replace the section `## title` of BENCHMARKS.md (or add it), keeping every other section; a `--quick`
+    check (not a measurement) writes to QUICK_BENCHMARKS instead."""
     command = " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])  # as run, options included
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = f"## {title}\n\n_{stamp}, `python {command}`, {machine()}._\n\n{body.strip()}\n"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    output = QUICK_BENCHMARKS if quick else BENCHMARKS
+    text = output.read_text() if output.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    atomic_write_text(BENCHMARKS, text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, with_cpu_index(text))
     print(section)
+
+
+STAMP_CPU = re.compile(r"_\d{4}-\d\d-\d\d \d\d:\d\d, `[^`]*`, (\d+ CPU cores \(.*?\)), ")
+CPU_INDEX = re.compile(r"^CPUs \(.*\n(?:- .*\n)*\n?", re.M)
+
+
+def with_cpu_index(text: str) -> str:
+    """`text` with the list, above the first section, of the CPU each section ran on (from its first line), so
+    that figures of sections from different CPUs are not compared unawares."""
+    first = text.find("\n## ") + 1 if "\n## " in text else len(text)
+    preamble, sections = CPU_INDEX.sub("", text[:first]), text[first:]
+    by_cpu: dict[str, list[str]] = {}
+    for title, first_line in re.findall(r"^## (.+)\n\n(.*)$", sections, re.M):
+        match = STAMP_CPU.match(first_line)
+        by_cpu.setdefault(match.group(1) if match else "CPU not recorded", []).append(title)
+    if not by_cpu:
+        return text
+    index = ("CPUs (each section's first line names its own; compare figures of two sections only when their CPU "
+             "is the same):\n" + "".join(f"- {cpu}: " + " · ".join(titles) + "\n" for cpu, titles in by_cpu.items()))
+    return preamble.rstrip() + "\n\n" + index + "\n" + sections

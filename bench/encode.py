@@ -6,19 +6,20 @@ number of worker processes, timed end to end with the pools' start-up:
 - midigen: the whole `encode_files` into a fresh token store;
 - MidiTok: `REMI.encode(path)` (one token stream for all tracks, as midigen writes) over a
   multiprocessing pool, the token ids sent back to the parent;
-- music21: `converter.parse(path)` and a walk over its notes, over a pool, on a few dozen files
-  (it takes about a fifth of a second per file).
+- music21: `converter.parse(path)` and a walk over its notes, over a pool, on the first few dozen
+  chorales (it takes about a fifth of a second per file).
 Each measurement runs in a fresh process that has imported only its own library (before the timing
-starts, so that no worker spends its time importing), as a user's program would. midigen and MidiTok
-run in interleaved rounds and the median is reported, so background load hits both alike. On the
-small set midigen's run lasts about a tenth of a second, much of it starting and stopping workers;
-the large set shows the throughput on a real collection.
+starts, so that no worker spends its time importing), as a user's program would. The tools run in
+interleaved rounds (music21 in the rounds on the chorales) and the median is reported, so background
+load hits them alike. On the small set midigen's run lasts about a tenth of a second, much of it
+starting and stopping workers; the large set shows the throughput on a real collection.
 Peak memory: `encode_files` in a fresh process on N and on 10·N files, the encoding process and its
 largest worker measured apart.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import multiprocessing as mp
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import symusic
-from common import CACHE, corpus_files, write_section
+from common import CACHE, QUICK_BENCHMARKS, corpus_files, write_section
 
 WORKERS = 2
 ROUNDS = 5
@@ -138,27 +139,32 @@ def seconds_in_fresh_process(tool: str, paths: Sequence[Path]) -> float:
     return float(output.split()[-1])
 
 
-def median_seconds(tools: Sequence[str], paths: Sequence[Path], rounds: int) -> dict[str, float]:
-    """Median wall time of each tool on `paths`, the tools interleaved round by round."""
-    times: dict[str, list[float]] = {tool: [] for tool in tools}
+def median_seconds(runs: dict[str, Sequence[Path]], rounds: int) -> dict[str, float]:
+    """Median wall time of each tool on its files, the tools interleaved round by round."""
+    times: dict[str, list[float]] = {tool: [] for tool in runs}
     for _ in range(rounds):
-        for tool in tools:
+        for tool, paths in runs.items():
             times[tool].append(seconds_in_fresh_process(tool, paths))
     return {tool: statistics.median(values) for tool, values in times.items()}
 
 
-def files_per_second(file_sets: dict[str, Sequence[Path]]) -> tuple[dict[str, dict[str, float]], float]:
-    """midigen's and MidiTok's files/s on each set of files, and music21's on the first files of the first set."""
+def files_per_second(file_sets: dict[str, Sequence[Path]], rounds: int, long_rounds: int
+                     ) -> tuple[dict[str, dict[str, float]], float]:
+    """midigen's and MidiTok's files/s on each set of files; music21's on the first files of the first set, in the
+    same rounds as the other two on that set."""
     for paths in file_sets.values():
         for path in paths:
             path.read_bytes()  # into the page cache, for every tool alike
-    rates = {}
-    for label, paths in file_sets.items():
-        rounds = ROUNDS if len(paths) < 1000 else LONG_ROUNDS
-        seconds = median_seconds(["midigen", "MidiTok REMI"], paths, rounds)
+    rates, music21_rate = {}, 0.0
+    for i, (label, paths) in enumerate(file_sets.items()):
+        runs = {"midigen": paths, "MidiTok REMI": paths}
+        if i == 0:
+            runs["music21"] = paths[:MUSIC21_FILES]
+        seconds = median_seconds(runs, rounds if len(paths) < 1000 else long_rounds)
+        if "music21" in seconds:
+            music21_rate = len(runs["music21"]) / seconds.pop("music21")
         rates[label] = {tool: len(paths) / secs for tool, secs in seconds.items()}
-    subset = next(iter(file_sets.values()))[:MUSIC21_FILES]
-    return rates, len(subset) / median_seconds(["music21"], subset, rounds=1)["music21"]
+    return rates, music21_rate
 
 
 # ---- peak memory --------------------------------------------------------------------------------
@@ -183,12 +189,14 @@ def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
     return "met" if met else "NOT met"
 
 
-def report(rates: dict[str, dict[str, float]], music21_rate: float, rss: dict[int, dict[str, float]]) -> str:
+def report(rates: dict[str, dict[str, float]], music21_rate: float, rss: dict[int, dict[str, float]], rounds: int,
+           long_rounds: int) -> str:
     remi_goal, music21_goal = THROUGHPUT_GOALS["MidiTok REMI"], THROUGHPUT_GOALS["music21"]
     lines = [
-        f"Files per second, end to end with {WORKERS} worker processes for every tool, pool start-up included. "
-        f"midigen and MidiTok: median of {ROUNDS} interleaved rounds ({LONG_ROUNDS} on the large set). "
-        f"music21 on the first {MUSIC21_FILES} chorales: {music21_rate:.1f} files/s.",
+        f"Files per second, end to end with {WORKERS} worker processes for every tool, pool start-up included: the "
+        f"median of {rounds} interleaved rounds on the chorales, in each of which midigen and MidiTok encode all of "
+        f"them and music21 parses the first {MUSIC21_FILES} ({music21_rate:.1f} files/s), and of {long_rounds} rounds "
+        f"of midigen and MidiTok on the large set (compared with music21's rate on the chorales).",
         "",
         "| files | midigen | MidiTok REMI | midigen / REMI | midigen / music21 |",
         "|---|---:|---:|---:|---:|",
@@ -219,6 +227,12 @@ def report(rates: dict[str, dict[str, float]], music21_rate: float, rss: dict[in
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"check that the bench runs (one round of each), writing to "
+                             f".bench/{QUICK_BENCHMARKS.name}, not BENCHMARKS.md")
+    args = parser.parse_args()
+    rounds, long_rounds = (1, 1) if args.quick else (ROUNDS, LONG_ROUNDS)
     chorales = corpus_files("bach-chorales")
     folders = transposed_folders(chorales)
     transposed = sorted(TRANSPOSED.rglob("*.mid"))
@@ -227,9 +241,10 @@ def main() -> None:
         f"N = {len(chorales)} Bach chorales ({sizes['N']:.1f} MB)": chorales,
         f"10·N = {len(transposed)}, each in ten transpositions ({sizes['10N']:.1f} MB)": transposed,
     }
-    rates, music21_rate = files_per_second(file_sets)
+    rates, music21_rate = files_per_second(file_sets, rounds, long_rounds)
     rss = {len(chorales): peak_rss_mib(folders[0]), len(transposed): peak_rss_mib(TRANSPOSED)}
-    write_section("Encoding MIDI files (`midigen encode`)", report(rates, music21_rate, rss))
+    write_section("Encoding MIDI files (`midigen encode`)", report(rates, music21_rate, rss, rounds, long_rounds),
+                  quick=args.quick)
 
 
 if __name__ == "__main__":

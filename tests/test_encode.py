@@ -3,6 +3,7 @@ interrupted encode resumes to exactly what an uninterrupted one writes."""
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,12 +123,22 @@ def test_a_file_that_fails_when_tokenised_together_fails_alone(bad_inputs: dict[
             np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(bad_inputs[name]).tokens)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
-    path = write_score(tmp_path / "locked.mid", make_score([MELODY]))
-    path.chmod(0)
-    summary = encode_files([path], tmp_path / "store", workers=1, progress=False)
-    assert summary.skipped_now == [(str(path), "permission denied")]
+def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system refuses to open one file (as it does a file without read permission, to anyone but root: the
+    refusal is faked so that the test runs as root too); the forked workers skip it and encode the others."""
+    locked = write_score(tmp_path / "locked.mid", make_score([MELODY]))
+    readable = write_score(tmp_path / "readable.mid", make_score([MELODY[:2]]))
+    real_open = os.open
+
+    def open_unless_locked(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_unless_locked)  # inherited by the forked workers
+    summary = encode_files([locked, readable], tmp_path / "store", workers=2, progress=False)
+    assert summary.skipped_now == [(str(locked), "permission denied")]
+    assert [Path(song.path).name for song in TokenStore(tmp_path / "store").songs] == ["readable.mid"]
 
 
 def fail_on(name: str, failure: str) -> Callable[[str, bool], sandbox.ParsedFile | sandbox.Skip]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from midigen.data.store import TokenStore
 from midigen.evaluation.nll import evaluate_split, fit_bigram
@@ -34,6 +35,35 @@ def test_evaluation_scores_every_token_of_the_split_once(tiny_run: Path, prompt_
     assert figures["ppl"] == pytest.approx(np.exp(figures["nll"]))
     assert set(figures["nll_by_type"]) == {"note", "duration", "sep"}
     assert 0 < figures["nll"] < np.log(store.config.vocab.size) + 1
+
+
+def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path, prompt_store: Path) -> None:
+    """Without memory the evaluator scores each song in windows of `context` tokens, each from scratch: the same
+    NLL, overall and per type, as a forward pass over each window and a cross-entropy written out by hand."""
+    trained = load_model(tiny_run)
+    model, store, vocab = trained.model.eval(), TokenStore(prompt_store), TokenStore(prompt_store).config.vocab
+    context = model.config.context
+    assert model.config.memory == "none"
+    figures = evaluate_split(model, store, "val", batch_size=3)
+    nll, targets = [], []
+    for song in store.split_indices("val"):
+        sequence = store.song(song)
+        for start in range(0, len(sequence) - 1, context):
+            inputs = [torch.as_tensor(x[start : start + context]).view(1, -1) for x in (sequence.tokens, sequence.bars, sequence.beats)]
+            expected = torch.as_tensor(sequence.tokens[start + 1 : start + 1 + context])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(*inputs).logits[0, : len(expected)].double(), -1)
+            nll.append(-log_probs.gather(1, expected.view(-1, 1)).squeeze(1).numpy())
+            targets.append(expected.numpy())
+    nll_all, target_all = np.concatenate(nll), np.concatenate(targets)
+    assert figures["tokens"] == len(target_all)
+    assert figures["nll"] == pytest.approx(nll_all.mean(), rel=1e-5)
+    types = {"note": (target_all >= vocab.note_offset) & (target_all < vocab.duration_offset),
+             "duration": target_all >= vocab.duration_offset, "sep": target_all == 3}
+    for name, mask in types.items():
+        assert mask.any() and figures["nll_by_type"][name] == pytest.approx(nll_all[mask].mean(), rel=1e-5), name
+    split_total = figures["recall_nll"] * figures["recall_tokens"] + figures["other_nll"] * (len(target_all) - figures["recall_tokens"])
+    assert split_total == pytest.approx(nll_all.sum(), rel=1e-5)
 
 
 def test_eval_cli_writes_json(tiny_run: Path, prompt_store: Path, tmp_path: Path) -> None:

@@ -12,8 +12,11 @@ import pytest
 import symusic
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.cli.main import main
 from midigen.codec.midi_io import CONTINUATION_MARKER
-from midigen.inference.generate import empty_prompt, generate, generation_score, load_prompt
+from midigen.errors import BadMidiError, MidigenError
+from midigen.evaluation.render import find_fluidsynth, find_soundfont
+from midigen.inference.generate import empty_prompt, generate, generate_batch, generation_score, is_note, load_prompt
 from midigen.inference.grammar import Grammar
 from midigen.inference.sampling import SamplingConfig
 from midigen.inference.model_files import load_model
@@ -52,23 +55,31 @@ def test_grammar_repeats_a_pitch_only_where_unisons_are_kept(prompt_files: list[
 
 
 def test_200_generations_decode_to_midi_with_notes(tiny_run: Path) -> None:
+    """Greedy, a temperature so small that dividing by it overflows, cold to very hot, top-k and top-p: 20 lanes of
+    80 tokens each, from nothing and from a real prompt."""
     trained = load_model(tiny_run)
     grammar = Grammar(TOKENIZER.config)
-    rng = np.random.default_rng(0)
-    settings = [SamplingConfig(temperature=float(t), seed=i) for i, t in enumerate(rng.uniform(0.1, 5.0, 196))]
-    settings += [SamplingConfig(temperature=0.1, seed=1), SamplingConfig(temperature=5.0, seed=2),
-                 SamplingConfig(top_k=1, seed=3), SamplingConfig(top_p=0.5, seed=4)]
-    for sampling in settings:
-        generation = generate(trained, empty_prompt(TOKENIZER), sampling, new_tokens=12)
-        assert grammar.check(generation.sequence.tokens) is None, sampling
-        score = symusic.Score.from_midi(generation_score(generation, TOKENIZER).dumps_midi())
-        assert score.note_num() >= 1, sampling
+    settings = [SamplingConfig(temperature=t, seed=i) for i, t in enumerate((0.0, 1e-45, 1e-5, 0.1, 1.0, 2.0, 5.0))]
+    settings += [SamplingConfig(top_k=1, seed=8), SamplingConfig(top_p=0.5, seed=9),
+                 SamplingConfig(temperature=3.0, top_k=20, top_p=0.9, seed=10)]
+    prompts = [empty_prompt(TOKENIZER), load_prompt(FUER_ELISE, 2, TOKENIZER)]
+    batches = [generate_batch(trained, prompts, sampling, new_tokens=80, num_samples=10) for sampling in settings]
+    assert sum(len(batch) for batch in batches) == 200
+    for sampling, batch in zip(settings, batches):
+        for generation in batch:
+            assert len(generation.sequence) - generation.prompt_length == 80
+            assert grammar.check(generation.sequence.tokens) is None, sampling
+            score = symusic.Score.from_midi(generation_score(generation, TOKENIZER).dumps_midi())
+            assert score.note_num() >= 1, sampling
+    for greedy, tiny in zip(batches[0], batches[1]):  # a vanishing temperature is greedy, never NaN
+        assert np.array_equal(greedy.sequence.tokens, tiny.sequence.tokens)
 
 
 def test_same_seed_same_music(tiny_run: Path) -> None:
     trained = load_model(tiny_run)
-    runs = [generate(trained, empty_prompt(TOKENIZER), SamplingConfig(seed=7), new_tokens=30) for _ in range(2)]
+    runs = [generate(trained, empty_prompt(TOKENIZER), SamplingConfig(seed=seed), new_tokens=30) for seed in (7, 7, 8)]
     assert np.array_equal(runs[0].sequence.tokens, runs[1].sequence.tokens)
+    assert not np.array_equal(runs[0].sequence.tokens, runs[2].sequence.tokens)
 
 
 def test_continuation_keeps_the_prompt_and_marks_where_it_starts(tiny_run: Path) -> None:
@@ -104,16 +115,66 @@ def midigen(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "midigen", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_cli_writes_a_continuation_with_its_picture_and_sound(tiny_run: Path, tmp_path: Path) -> None:
+def test_cli_writes_a_continuation_with_its_picture(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.mid"
-    audio = ["--wav"] if shutil.which("fluidsynth") else []
     done = midigen("generate", str(tiny_run), "--prompt", str(FUER_ELISE), "--prompt-bars", "2", "--bars", "2",
-                   "--seed", "1", "--top-p", "0.9", "-o", str(out), "--png", *audio)
+                   "--seed", "1", "--top-p", "0.9", "-o", str(out), "--png")
     assert done.returncode == 0, done.stderr
     assert symusic.Score(out).note_num() > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    if audio:
-        assert out.with_suffix(".wav").read_bytes()[:4] == b"RIFF"
+
+
+def test_cli_writes_a_continuation_with_its_sound(tiny_run: Path, tmp_path: Path) -> None:
+    try:
+        find_fluidsynth(), find_soundfont()
+    except MidigenError as missing:
+        pytest.skip(f"no WAV rendering here: {missing}")
+    out = tmp_path / "out.mid"
+    done = midigen("generate", str(tiny_run), "--prompt", str(FUER_ELISE), "--prompt-bars", "2", "--bars", "2",
+                   "--seed", "1", "-o", str(out), "--wav")
+    assert done.returncode == 0, done.stderr
+    assert out.with_suffix(".wav").read_bytes()[:4] == b"RIFF"
+
+
+def test_cli_samples_several_prompts_in_one_batch_as_each_alone(tiny_run: Path, tmp_path: Path) -> None:
+    """Two prompts, two samples each, a vanishing temperature: OUT-1..4.mid; the third is the second prompt's first
+    sample, seed 5 + 2, which `--seed 7` alone writes again."""
+    out = tmp_path / "out.mid"
+    canon = FUER_ELISE.with_name("Canon_In_D_Major_-_Johann_Pachelbel_-_Chorus.mid")
+    common = ["--prompt-bars", "2", "--tokens", "40", "--temperature", "1e-45"]
+    done = midigen("generate", str(tiny_run), "--prompt", str(FUER_ELISE), "--prompt", str(canon), "--num-samples", "2",
+                   "--seed", "5", *common, "-o", str(out), "--png")
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [f"out-{n}.{suffix}" for n in range(1, 5) for suffix in ("mid", "png")]
+    (third,) = [line for line in done.stdout.splitlines() if line.startswith(f"{tmp_path / 'out-3.mid'}: ")]
+    assert third.endswith("seed 7")
+    alone = tmp_path / "alone" / "canon.mid"
+    done = midigen("generate", str(tiny_run), "--prompt", str(canon), "--seed", "7", *common, "-o", str(alone))
+    assert done.returncode == 0, done.stderr
+    assert TOKENIZER.sparse_score(alone).notes() == TOKENIZER.sparse_score(tmp_path / "out-3.mid").notes()
+    assert TOKENIZER.sparse_score(tmp_path / "out-1.mid").notes() != TOKENIZER.sparse_score(alone).notes()
+
+
+def starts_with_a_rest(tmp_path: Path) -> Path:
+    """Für Elise moved two bars later: its first two bars hold one long rest."""
+    score = symusic.Score(FUER_ELISE)
+    (signature,) = score.time_signatures
+    bar_ticks = score.ticks_per_quarter * 4 * signature.numerator // signature.denominator
+    for track in score.tracks:
+        track.shift_time(2 * bar_ticks, inplace=True)
+    path = tmp_path / "rest.mid"
+    score.dump_midi(path)
+    return path
+
+
+def test_a_prompt_of_only_rests_is_refused_and_one_note_is_enough(tmp_path: Path) -> None:
+    rest = starts_with_a_rest(tmp_path)
+    with pytest.raises(BadMidiError, match="the first 2 bar"):
+        load_prompt(rest, 2, TOKENIZER)  # <sos>, <sep>, the rest's length: a duration token, not a note
+    prompt = load_prompt(rest, 3, TOKENIZER)
+    assert is_note(prompt.sequence.tokens, TOKENIZER.vocab).any()
+    assert (prompt.sequence.steps[2:] >= 2 * 24).all()  # after <sos>, <sep>: the rest's length, then bar 3's notes
 
 
 def bad_inputs(tiny_run: Path, tmp_path: Path) -> list[tuple[str, list[str], str]]:
@@ -133,16 +194,25 @@ def bad_inputs(tiny_run: Path, tmp_path: Path) -> list[tuple[str, list[str], str
         ("corrupt checkpoint", [str(corrupt), "--bars", "1", "-o", out], "not a safetensors file"),
         ("prompt is not MIDI", [run, "--prompt", str(text), "--bars", "1", "-o", out], "not a MIDI file"),
         ("prompt without notes", [run, "--prompt", str(silent), "--bars", "1", "-o", out], "no notes"),
+        ("prompt bars that only rest", [run, "--prompt", str(starts_with_a_rest(tmp_path)), "--prompt-bars", "2",
+                                        "--bars", "1", "-o", out], "hold no notes"),
         ("zero prompt bars", [run, "--prompt", str(FUER_ELISE), "--prompt-bars", "0", "--bars", "1", "-o", out],
          "--prompt-bars"),
         ("negative temperature", [run, "--temperature", "-0.5", "--bars", "1", "-o", out], "temperature"),
+        ("infinite temperature", [run, "--temperature", "inf", "--bars", "1", "-o", out], "finite"),
+        ("temperature not a number", [run, "--temperature", "nan", "--bars", "1", "-o", out], "finite"),
+        ("top-p not a number", [run, "--top-p", "nan", "--bars", "1", "-o", out], "top-p"),
+        ("no samples", [run, "--num-samples", "0", "--bars", "1", "-o", out], "--num-samples"),
+        ("seconds not a number", [run, "--seconds", "nan", "-o", out], "--seconds"),
     ]
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path) -> None:
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
+    """In this process (a command each, not a Python each), so that any exception but the one-line error fails here."""
     for name, args, message in bad_inputs(tiny_run, tmp_path):
-        done = midigen("generate", *args)
-        assert done.returncode == 2, (name, done.stderr)
-        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, (name, done.stderr)
-        assert message in done.stderr, (name, done.stderr)
+        code, stderr = main(["generate", *args]), capsys.readouterr().err
+        assert code == 2, (name, stderr)
+        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, (name, stderr)
+        assert message in stderr, (name, stderr)
     assert not (tmp_path / "x.mid").exists()

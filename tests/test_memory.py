@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from midigen.codec import SeedTokenizer, TokenizerConfig
-from midigen.data.batching import SongLanes, TokenArrays
+from midigen.codec.config import NUM_PITCHES, Vocab
+from midigen.data.batching import RandomChunks, SongLanes, TokenArrays, draw_shifts, resolve_location
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
 from midigen.inference.generate import MemoryDecoder, empty_prompt, generate, load_prompt
@@ -190,18 +192,41 @@ def test_knn_search_under_bf16_autocast_is_the_float32_search(backend: str) -> N
     not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("mode", ["xl", "knn"])
 def test_memory_trains_under_bf16_autocast(mode: str, device: str) -> None:
-    model = tiny(mode).to(device).train()
-    memory = MemoryState(model.config, 2, torch.device(device))
-    for segment in range(4):  # the kNN memory is searched from the third segment on
-        tokens, bars, beats = (t.to(device) for t in segment_inputs(model.config.context + 1, B=2, seed=segment))
-        with torch.autocast(device, dtype=torch.bfloat16):
-            output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
-                                    new_song=torch.full((2,), segment == 0, device=device))
-        output.loss.backward()
-        assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    if mode == "knn":
-        assert int(memory.knn.sizes().min()) > 0 and model.blocks[-1].attn.gate.grad.abs().sum() > 0
+    """Four segments with memory under bf16 autocast compute what they compute in float32, within bf16's precision.
+
+    bf16 keeps 8 significant bits, so each rounding errs by up to 2^-9 relative; through the model's matmuls the
+    logits and the gradients end up about 2^-8 (0.3-0.4%) away from float32's. The tolerances, 1% for the logits
+    and 2% for all gradients together, leave room for other CPUs' kernels, while an error in the bf16 path (the
+    relative-position bias lost, say) moves them by 2% and more. One parameter's gradient may err more (some of the
+    kNN layer's do by 4%), hence 15% each; a gradient lost under autocast errs by 100%.
+    """
+    base = tiny(mode, dropout=0.0, attn_dropout=0.0).to(device).train()  # no dropout: the same model in both runs
+    runs = {}
+    for autocast in (False, True):
+        model = copy.deepcopy(base)
+        memory = MemoryState(model.config, 2, torch.device(device))
+        logits = []
+        for segment in range(4):  # the kNN memory is searched from the third segment on
+            tokens, bars, beats = (t.to(device) for t in segment_inputs(model.config.context + 1, B=2, seed=segment))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
+                                        new_song=torch.full((2,), segment == 0, device=device))
+            output.loss.backward()
+            assert output.logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+            logits.append(output.logits.detach().float())
+        if mode == "knn":
+            assert int(memory.knn.sizes().min()) > 0 and model.blocks[-1].attn.gate.grad.abs().sum() > 0
+        runs[autocast] = torch.stack(logits), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    def relative_error(bf16: torch.Tensor, float32: torch.Tensor) -> float:
+        return float((bf16 - float32).norm() / float32.norm())
+
+    (logits, grads), (bf16_logits, bf16_grads) = runs[False], runs[True]
+    assert bf16_grads.keys() == grads.keys()
+    assert relative_error(bf16_logits, logits) < 0.01
+    assert relative_error(torch.cat([g.flatten() for g in bf16_grads.values()]), torch.cat([g.flatten() for g in grads.values()])) < 0.02
+    for name, grad in grads.items():
+        assert relative_error(bf16_grads[name], grad) < 0.15, name
 
 
 def test_saved_memory_holds_only_what_was_written() -> None:
@@ -266,16 +291,98 @@ def test_memory_decoder_computes_what_training_computes(prompt_files: list[Path]
     assert int(decoder.memory.knn.sizes()[0]) == 64
 
 
-def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32) -> list[dict[str, torch.Tensor]]:
+def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32, seed: int = 3,
+             max_transpose: int = 5) -> list[dict[str, torch.Tensor]]:
+    """One epoch of song lanes, transposed as in training by default."""
     data = TokenArrays(store, "memmap")
     songs = list(range(len(store)))
-    return list(SongLanes(data, songs, context, lanes, seed=3, mode=mode, shuffle=True, endless=False))
+    return list(SongLanes(data, songs, context, lanes, seed=seed, mode=mode, max_transpose=max_transpose,
+                          shuffle=True, endless=False))
+
+
+def shift_of(row: np.ndarray, original: np.ndarray, vocab: Vocab) -> int | None:
+    """The one interval by which `row` moves the notes of `original` (None: no notes), asserting that every
+    other token (durations, gaps, separators, specials, padding) is untouched and every note stays a note."""
+    is_note = (original >= vocab.note_offset) & (original < vocab.duration_offset)
+    assert np.array_equal(row[~is_note], original[~is_note])
+    moved = np.unique(row[is_note] - original[is_note])
+    assert len(moved) <= 1, f"the notes of one row moved by {moved}"
+    assert ((row[is_note] >= vocab.note_offset) & (row[is_note] < vocab.duration_offset)).all()  # pitch 0..127
+    return int(moved[0]) if len(moved) else None
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "song"])
+def test_song_lanes_transpose_each_song_by_one_interval_drawn_from_the_seed(prompt_store: Path, mode: str) -> None:
+    store = TokenStore(prompt_store)
+    vocab = store.config.vocab
+
+    def shifts(seed: int) -> dict[int, int]:
+        found: dict[int, set[int]] = {}
+        for batch in epoch_of(store, mode, lanes=3, context=32, seed=seed):
+            for lane in range(3):
+                song, offset = int(batch["song"][lane]), int(batch["offset"][lane])
+                if song < 0:
+                    assert not batch["tokens"][lane].any()
+                    continue
+                original = store.song(song)
+                n = min(33, max(0, len(original) - offset))  # a finished song waits in song mode: all padding
+                for name in ("bars", "beats"):
+                    assert np.array_equal(batch[name][lane, :n].numpy(), getattr(original, name)[offset : offset + n])
+                shift = shift_of(batch["tokens"][lane].numpy(), np.pad(original.tokens[offset : offset + n], (0, 33 - n)), vocab)
+                if shift is not None:
+                    found.setdefault(song, set()).add(shift)
+        assert all(len(moved) == 1 for moved in found.values()), found  # one interval per song, in every segment
+        return {song: moved.pop() for song, moved in found.items()}
+
+    drawn = shifts(seed=3)
+    assert len(drawn) == len(store)  # every song has notes, and all of them were seen
+    assert set(drawn.values()) <= set(range(-5, 6)) and len(set(drawn.values())) > 3
+    assert shifts(seed=3) == drawn and shifts(seed=4) != drawn
+
+
+def test_random_chunks_transpose_each_chunk_by_one_interval_drawn_from_the_seed(prompt_store: Path) -> None:
+    store = TokenStore(prompt_store)
+    songs = list(range(len(store)))
+
+    def batches(seed: int) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """Each batch with the chunks as gathered from the store, before transposition."""
+        data = TokenArrays(store, "memmap")
+        gathered = []
+        gather = data.gather
+        data.gather = lambda *args: gathered.append(gather(*args)) or {k: v.clone() for k, v in gathered[-1].items()}
+        chunks = RandomChunks(data, songs, 32, 4, seed=seed, max_transpose=5)
+        return [(next(chunks), gathered[-1]) for _ in range(20)]
+
+    drawn = []
+    first = batches(seed=3)
+    for batch, original in first:
+        for name in ("bars", "beats"):
+            assert torch.equal(batch[name], original[name])
+        for row, original_row in zip(batch["tokens"].numpy(), original["tokens"].numpy()):
+            drawn.append(shift_of(row, original_row, store.config.vocab))
+    assert set(drawn) <= set(range(-5, 6)) and len(set(drawn)) > 3
+    for seed, same in ((3, True), (4, False)):
+        again = [batch["tokens"] for batch, _ in batches(seed)]
+        assert all(torch.equal(a, b) for a, b in zip(again, (batch["tokens"] for batch, _ in first))) == same
+
+
+def test_shifts_keep_notes_on_the_keyboard_and_are_uniform_over_what_is_left() -> None:
+    """A row whose notes reach within 5 semitones of pitch 0 or 127 draws only from the shifts that keep them there,
+    each as likely; a row with no notes may take any shift."""
+    lowest, highest = np.array([60, 2, 0, 40, NUM_PITCHES]), np.array([72, 50, 127, 125, -1])
+    allowed = [range(-5, 6), range(-2, 6), range(0, 1), range(-5, 3), range(-5, 6)]
+    rng = np.random.default_rng(0)
+    drawn = np.stack([draw_shifts(lowest, highest, 5, rng) for _ in range(2000)])  # (draws, rows)
+    for shifts, values in zip(drawn.T, allowed):
+        counts = np.bincount(shifts - values.start, minlength=len(values))
+        assert len(counts) == len(values) and shifts.min() >= values.start
+        assert counts.min() > 0.8 * len(shifts) / len(values)
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "song"])
 def test_song_lanes_cover_every_token_once(prompt_store: Path, mode: str) -> None:
     store = TokenStore(prompt_store)
-    batches = epoch_of(store, mode, lanes=3)
+    batches = epoch_of(store, mode, lanes=3)  # transposed
     targets = sorted(int((b["tokens"][:, 1:] != 0).sum()) for b in batches)
     assert sum(targets) == sum(s.length - 1 for s in store.songs)
     seen = np.concatenate([b["tokens"][lane, 1:][b["tokens"][lane, 1:] != 0].numpy() for b in batches for lane in range(3)])
@@ -308,7 +415,7 @@ def test_every_data_location_gives_the_same_batches(prompt_store: Path) -> None:
     batches = {}
     for location in ("memmap", "cpu", "auto"):
         data = TokenArrays(store, location)
-        assert data.location in ("memmap", "cpu")  # no GPU here: auto picks the CPU memory or the disk
+        assert data.location == {"auto": "cpu"}.get(location, location)  # a few thousand tokens fit in memory
         lanes = SongLanes(data, songs, 16, 3, seed=1)
         batches[location] = [next(lanes) for _ in range(6)]
     for batch in range(6):
@@ -317,6 +424,26 @@ def test_every_data_location_gives_the_same_batches(prompt_store: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(MidigenError, match="--data-location gpu needs training on a CUDA device"):
             TokenArrays(store, "gpu", torch.device("cpu"))
+
+
+def test_auto_puts_the_token_store_where_it_takes_under_a_quarter_of_the_memory(
+    prompt_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto`: on the GPU when training there and the arrays take under a quarter of its free memory, else in CPU
+    memory when they take under a quarter of it, else memory-mapped from disk; training on the CPU never asks the GPU."""
+    store = TokenStore(prompt_store)
+    needed = sum(array.nbytes for array in TokenArrays(store, "cpu").arrays.values())  # as loaded
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("asked the GPU when training on the CPU"))
+    assert TokenArrays(store, "auto", cpu).location == "cpu" and TokenArrays(store, "auto").location == "cpu"
+    asked = []
+    for free, expected in ((4 * needed + 4, "gpu"), (4 * needed, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (asked.append(device), (free, 10 * free))[1])
+        assert resolve_location("auto", store, cuda) == expected
+    assert asked == [cuda, cuda]
+    for ram, expected in ((4 * needed + 4, "cpu"), (4 * needed, "memmap")):
+        monkeypatch.setattr(os, "sysconf", lambda name, ram=ram: {"SC_PAGE_SIZE": 4, "SC_PHYS_PAGES": ram // 4}[name])
+        assert TokenArrays(store, "auto", cpu).location == expected and resolve_location("auto", store, cuda) == expected
 
 
 def test_knn_memory_says_where_it_searches_once(caplog: pytest.LogCaptureFixture) -> None:

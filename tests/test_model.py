@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from midigen.codec import TokenizerConfig
 from midigen.inference.generate import SlidingWindowDecoder
-from midigen.model import KV, ModelConfig, MusicTransformer
+from midigen.model import KV, PRESETS, ModelConfig, MusicTransformer
 from midigen.model import transformer as transformer_module
 from midigen.model.transformer import bucket_distances, relative_buckets, toeplitz
 from midigen.training.config import TrainConfig
@@ -168,12 +169,16 @@ def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
 
 
 def attention_inputs(past: int, mask_lanes: int) -> tuple[torch.Tensor, KV | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, past, k, v and a causal mask with a random bias (float64); with per-lane masks one lane's memory is partly empty."""
+    """q, past, k, v and a causal mask with a random bias (float64); with per-lane masks one lane's memory is partly empty.
+
+    The past requires gradients, as the XL memory's keys would if they were not detached: whether they get one is up
+    to the attention."""
     g = torch.Generator().manual_seed(3)
     B, H, T, D = 3, 2, 6, 4
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    memory = KV(torch.randn(B, H, past, D, generator=g, dtype=torch.float64),
-                torch.randn(B, H, past, D, generator=g, dtype=torch.float64), torch.ones(B, past, dtype=torch.bool))
+    memory = KV(torch.randn(B, H, past, D, generator=g, dtype=torch.float64, requires_grad=True),
+                torch.randn(B, H, past, D, generator=g, dtype=torch.float64, requires_grad=True),
+                torch.ones(B, past, dtype=torch.bool))
     allowed = (torch.arange(past, past + T).unsqueeze(1) - torch.arange(past + T) >= 0).repeat(mask_lanes, 1, 1, 1)
     if mask_lanes > 1 and past:
         allowed[1, ..., :2] = False
@@ -198,10 +203,49 @@ def test_cpu_attention_equals_sdpa_and_leaves_the_past_without_gradient(
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         else:
             out = transformer_module.CpuAttention.apply(q, memory, k, v, mask, 0.0)
-        inputs = (q, k, v, mask)
-        results.append((out, *torch.autograd.grad(out, inputs, grad)))
-    for expected, actual in zip(*results):
+        inputs = (q, k, v, mask) + ((memory.keys, memory.values) if memory is not None else ())
+        results.append((out, *torch.autograd.grad(out, inputs, grad, allow_unused=True)))
+    (expected_out, *expected_grads), (out, *grads) = results
+    torch.testing.assert_close(out, expected_out)
+    for expected, actual in zip(expected_grads[:4], grads[:4]):  # q, k, v, mask
         torch.testing.assert_close(actual, expected)
+    if memory is not None:
+        assert all(g is not None and g.abs().sum() > 0 for g in expected_grads[4:])  # SDPA would train the past
+        assert grads[4:] == [None, None]  # CpuAttention leaves it alone
+
+
+def test_a_layer_training_on_cpu_gives_the_past_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer training on the CPU attends over the past through CpuAttention: the output and the gradients of its
+    input and weights that SDPA over the past and present keys gives, and none for the past, which SDPA's would
+    train (the XL memory is detached: a gradient for it would be work thrown away)."""
+    model = tiny(dropout=0.0, attn_dropout=0.0).double().train()
+    attention, (B, T, P, H, D) = model.blocks[0].attn, (2, 6, 5, 2, 16)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, H * D, generator=g, dtype=torch.float64, requires_grad=True)
+    past = KV(torch.randn(B, H, P, D, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(B, H, P, D, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.tensor([[True] * P, [False, False] + [True] * (P - 2)]))
+    buckets, allowed = model.attention_layout(T, past, torch.device("cpu"))
+    grad = torch.randn(B, T, H * D, generator=g, dtype=torch.float64)
+    inputs = (x, *attention.parameters(), past.keys, past.values)
+
+    def attend() -> tuple[torch.Tensor, ...]:
+        out = attention(x, buckets, allowed, past, None)[0]
+        return out, *torch.autograd.grad(out, inputs, grad, allow_unused=True)
+
+    out, *grads = attend()
+
+    def sdpa(q: torch.Tensor, past: KV | None, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float
+             ) -> torch.Tensor:
+        keys, values = (k, v) if past is None else (torch.cat([past.keys, k], 2), torch.cat([past.values, v], 2))
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+
+    monkeypatch.setattr(transformer_module.CpuAttention, "apply", sdpa)
+    expected_out, *expected_grads = attend()
+    torch.testing.assert_close(out, expected_out)
+    for actual, expected in zip(grads[:-2], expected_grads[:-2]):
+        torch.testing.assert_close(actual, expected)
+    assert all(g.abs().sum() > 0 for g in expected_grads[-2:]) and grads[-2:] == [None, None]
 
 
 @pytest.mark.parametrize("past", [0, 5])
@@ -242,9 +286,19 @@ def test_padding_targets_are_not_scored() -> None:
 
 
 def test_output_head_is_tied_to_token_embedding() -> None:
-    model = tiny()
-    assert model.head.weight is model.tok_emb.weight
-    assert tiny(tie_embeddings=False).head.weight is not tiny(tie_embeddings=False).tok_emb.weight
+    """Tied: one tensor, so an update to the embedding is an update to the head; untied: two, V·C more parameters."""
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    V, C = tied.config.vocab_size, tied.config.d_model
+    assert tied.head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    with torch.no_grad():
+        tied.tok_emb.weight[7] += 1.0
+    assert torch.equal(tied.head.weight[7], tied.tok_emb.weight[7])
+    assert untied.head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert untied.num_parameters() - tied.num_parameters() == V * C
+    before = untied.head.weight.clone()
+    with torch.no_grad():
+        untied.tok_emb.weight[7] += 1.0
+    assert torch.equal(untied.head.weight, before)
 
 
 @pytest.mark.parametrize("config", [ModelConfig.preset("small"), TrainConfig(max_steps=3), TokenizerConfig(max_duration=64)])
@@ -256,8 +310,14 @@ def test_configs_save_and_load_back_equal(config, tmp_path) -> None:  # noqa: AN
 
 
 def test_presets_have_the_documented_sizes() -> None:
-    base = ModelConfig.preset("base")
-    assert (base.n_layers, base.d_model, base.n_heads, base.context) == (8, 512, 8, 256)
-    tiny_config = ModelConfig.preset("tiny")
-    assert (tiny_config.d_model, tiny_config.n_layers) == (32, 2)
-    assert np.isclose(sum(p.numel() for p in MusicTransformer(tiny_config).parameters()), tiny().num_parameters())
+    """Every preset is the size the README's table of presets says, so the two cannot drift apart."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Model presets") :]
+    rows = re.findall(r"^\| (\w+) +\| +(\d+) +\| +(\d+) +\| +(\d+) +\| +(\d+) +\| +([\d,]+) +\|$", section, re.MULTILINE)
+    assert {row[0] for row in rows} == set(PRESETS)
+    for name, layers, width, heads, context, parameters in rows:
+        config = ModelConfig.preset(name, TokenizerConfig())
+        assert (config.n_layers, config.d_model, config.n_heads, config.context) == tuple(map(int, (layers, width, heads, context)))
+        assert MusicTransformer(config).num_parameters() == int(parameters.replace(",", "")), name
+        with_knn = MusicTransformer(ModelConfig.preset(name, TokenizerConfig(), memory="knn")).num_parameters()
+        assert with_knn == int(parameters.replace(",", "")) + 2 * config.n_heads, name

@@ -45,3 +45,21 @@ def test_real_song_against_brute_force(prompt_store) -> None:  # noqa: ANN001
     found = recall_targets(tokens, reach=64)
     assert np.array_equal(found, brute_force(tokens, 64, 16))
     assert found.any()  # pop songs repeat themselves
+
+
+def test_eval_splits_every_token_into_recall_and_other(tiny_run, prompt_store) -> None:  # noqa: ANN001
+    """recall_nll and other_nll partition the scored tokens: their weighted mean is the overall NLL, and the
+    recall tokens are exactly those `recall_targets` finds in the split's songs."""
+    from midigen.data.store import TokenStore
+    from midigen.evaluation.nll import evaluate_split
+    from midigen.inference import load_model
+
+    loaded = load_model(tiny_run, "cpu")
+    store = TokenStore(prompt_store)
+    figures = evaluate_split(loaded.model, store, "train", batch_size=4)
+    reach = loaded.model_config.context + loaded.model_config.memory_length
+    expected = sum(int(recall_targets(store.song(i).tokens, reach)[1:].sum()) for i in store.split_indices("train"))
+    assert figures["recall_tokens"] == expected > 0
+    other = figures["tokens"] - figures["recall_tokens"]
+    mean = (figures["recall_nll"] * figures["recall_tokens"] + figures["other_nll"] * other) / figures["tokens"]
+    assert mean == pytest.approx(figures["nll"], rel=1e-6)  # float32 sums in another order

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import symusic
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
@@ -87,6 +88,44 @@ def test_prompt_and_continuation_are_marked(tmp_path: Path) -> None:
     score.markers.append(symusic.TextMeta(8 * TPQ, CONTINUATION_MARKER))
     png = render_piano_roll(score, tmp_path / "generated.png")
     assert marker_pixels(png) > 400  # the line through the whole plot, about 500 px tall
+
+
+def test_notes_and_the_continuation_line_are_drawn_where_they_belong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three bars of 4/4, one track, velocity 100: a prompt note C4 on beats 1-2 of bar 1, the continuation marker at
+    bar 3, then C5 on beats 3-4 of bar 3. The plot spans the three bars (0-12 quarters) and B3..C#5 (the notes'
+    range, a row of margin each side). Read back from the PNG, each note fills its own pitch row from its onset to
+    its end in its velocity's colour, the prompt's faded over the prompt's shading, and the line stands at quarter 8."""
+    score = symusic.Score(TPQ)
+    track = symusic.Track("piano", 0, False)
+    track.notes.extend([symusic.Note(0, 2 * TPQ, 60, 100), symusic.Note(10 * TPQ, 2 * TPQ, 72, 100)])
+    score.tracks.append(track)
+    score.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    score.markers.append(symusic.TextMeta(8 * TPQ, CONTINUATION_MARKER))
+    figures: list[Figure] = []
+    save_figure = render.save_figure
+    monkeypatch.setattr(render, "save_figure", lambda figure, path: (figures.append(figure), save_figure(figure, path))[1])
+    rgb = imread(render_piano_roll(score, tmp_path / "roll.png"))[..., :3]
+    plot = figures[0].axes[0].get_window_extent()  # where the layout put the plot, in pixels from the bottom left
+
+    def pixel(quarter: float, pitch: float) -> np.ndarray:
+        x = plot.x0 + quarter / 12 * plot.width
+        y = plot.y0 + (pitch - 58.5) / 15 * plot.height  # rows 59..73, each one pitch high
+        return rgb[int(rgb.shape[0] - y), int(x)]
+
+    note = np.array(colormaps["viridis"](100 / 127)[:3])
+    shading = pixel(5.5, 60)  # the prompt's background on C4's row, between beat lines
+    faded = render.PROMPT_ALPHA * note + (1 - render.PROMPT_ALPHA) * shading
+    for colour, pitch, inside, outside in ((faded, 60, (0.5, 1.5, 1.75), (2.25, 5.5)), (note, 72, (10.25, 10.5, 11.75), (9.75, 8.5))):
+        for quarter in inside:
+            np.testing.assert_allclose(pixel(quarter, pitch), colour, atol=0.02, err_msg=f"{pitch} at {quarter}")
+        for quarter, row in [(q, pitch) for q in outside] + [(inside[1], pitch - 1), (inside[1], pitch + 1)]:
+            assert np.abs(pixel(quarter, row) - colour).max() > 0.1, f"{row} at {quarter}"
+    assert np.abs(shading - 1).max() > 0.05  # the prompt is shaded
+    red = np.abs(rgb - MARKER_RED).max(axis=2) < 0.05
+    red[: int(rgb.shape[0] - plot.y0 - plot.height / 2)] = False  # below the "prompt" and "continuation" labels
+    rows, columns = np.nonzero(red)
+    assert abs(columns.mean() - (plot.x0 + 8 / 12 * plot.width)) < 1.5 and np.ptp(columns) <= 2
+    assert len(np.unique(rows)) > 0.45 * plot.height  # the whole lower half of the plot
 
 
 def test_real_prompt_png(tmp_path: Path, prompt_files: list[Path]) -> None:

@@ -22,6 +22,7 @@ from midigen.training.config import TrainConfig
 from midigen.training.host_memory import keep_freed_memory
 from midigen.inference.model_files import load_model
 from midigen.training.recipe import train
+from midigen.training import trainer as trainer_module
 from midigen.training.trainer import learning_rate
 
 MODEL = ModelConfig.preset("tiny", TokenizerConfig())
@@ -72,6 +73,76 @@ def test_resume_after_ctrl_c_gives_the_same_weights(memory: str, prompt_store: P
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+
+
+class StepClock:
+    """The trainer's `time.monotonic`: it moves only when a batch is drawn, by one step's worth of seconds."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def tick_per_batch(monkeypatch: pytest.MonkeyPatch, clock: StepClock, interrupt_at: int | None = None) -> None:
+    """Each batch drawn moves `clock` on by a step; Ctrl-C while drawing the `interrupt_at`-th."""
+    original, drawn = RandomChunks.__next__, 0
+
+    def next_batch(self: RandomChunks):  # noqa: ANN202
+        nonlocal drawn
+        drawn += 1
+        clock.now += clock.seconds_per_step
+        if drawn == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(RandomChunks, "__next__", next_batch)
+
+
+def logged(run: Path, key: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row[key]) for row in rows if key in row]
+
+
+def test_time_budgeted_run_resumes_on_the_same_schedule(prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A one-minute budget at 6 s a step: 10 steps, whether or not the run stops at step 4 and resumes later."""
+    clock = StepClock(seconds_per_step=6.0)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    timed = config(max_steps=None, max_minutes=1.0, log_interval=1, eval_interval=100)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        tick_per_batch(patch, clock)
+        result, _ = train(prompt_store, straight, MODEL, timed, progress=False)
+    assert (result.step, result.stopped_by) == (10, "max_minutes")
+
+    with monkeypatch.context() as patch:
+        tick_per_batch(patch, clock, interrupt_at=4)
+        first, _ = train(prompt_store, resumed, MODEL, timed, progress=False)
+    assert first.interrupted and first.step == 4
+    clock.now += 3600.0  # an hour between the stop and the resume does not count
+    with monkeypatch.context() as patch:
+        tick_per_batch(patch, clock)
+        second, _ = train(prompt_store, resumed, None, None, resume=True, progress=False)  # the run's own budget
+    assert (second.step, second.stopped_by) == (10, "max_minutes")
+    assert logged(resumed, "lr") == logged(straight, "lr")
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+    # the budget is spent: resuming again trains nothing and logs nothing
+    log_before = (resumed / "metrics.jsonl").read_bytes()
+    again, _ = train(prompt_store, resumed, None, None, resume=True, progress=False)
+    assert (again.step, again.stopped_by) == (10, "max_minutes") and again.val["val_loss"] == second.val["val_loss"]
+    assert (resumed / "metrics.jsonl").read_bytes() == log_before
+
+    # a larger budget stretches the schedule: 30 s more, and the learning rate goes on at 60 s of 90
+    longer = replace(timed, max_minutes=1.5)
+    with monkeypatch.context() as patch:
+        tick_per_batch(patch, clock)
+        third, _ = train(prompt_store, resumed, None, longer, resume=True, progress=False)
+    assert (third.step, third.stopped_by) == (15, "max_minutes")
+    assert logged(resumed, "lr")[10:] == [(11 + k, learning_rate(longer, 10 + k, (60 + 6 * k) / 90)) for k in range(5)]
 
 
 def test_run_folder_holds_checkpoint_metrics_and_loss_curve(tiny_run: Path) -> None:

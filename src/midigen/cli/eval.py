@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, metavar="STORE", help="token store")
     parser.add_argument("--split", choices=("train", "val", "test"), default="val")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="songs scored side by side (default 32)")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(run=run)
 
@@ -27,14 +27,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from midigen.data.store import TokenStore
+    from midigen.data.store import open_finished_store
     from midigen.errors import MidigenError
+
+    if args.batch_size < 1:
+        raise MidigenError(f"--batch-size must be at least 1, got {args.batch_size}")
+    store = open_finished_store(args.data)  # before the heavy imports below: a bad store is refused at once
+
     from midigen.evaluation.nll import evaluate_split
-    from midigen.io_utils import atomic_write_text
     from midigen.inference.model_files import load_model
+    from midigen.io_utils import atomic_write_text
 
     trained = load_model(args.run_dir, args.device)
-    store = TokenStore(args.data)
     if store.config != trained.tokenizer:
         raise MidigenError(f"{args.data}: store was encoded with another tokenizer than the model's")
     figures = evaluate_split(trained.model, store, args.split, args.batch_size,

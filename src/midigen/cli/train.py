@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 
 from midigen.model.config import MEMORY_MODES, PRESETS
-from midigen.training.config import BATCHING_MODES, DATA_LOCATIONS
+from midigen.training.config import BATCHING_MODES, DATA_LOCATIONS, TrainConfig
+
+DEFAULT_MAX_STEPS = 2000  # the budget of a new run given neither --max-steps nor --max-minutes
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+# option → TrainConfig field; options left out take the field's default
+TRAIN_OPTIONS = {"batch_size": "batch_size", "lr": "learning_rate", "warmup_steps": "warmup_steps",
+                 "eval_interval": "eval_interval", "batching": "batching", "data_location": "data_location",
+                 "transpose": "max_transpose", "device": "device", "seed": "seed"}
+MODEL_OPTIONS = ("preset", "context", "memory")
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,61 +25,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a model on a token store",
         description=(
-            "Train a music transformer on a token store made by `midigen encode`. Checkpoints, metrics.jsonl "
-            "and a loss curve go to RUN. Ctrl-C stops after the current step and writes a checkpoint; "
-            "--resume continues exactly where it stopped. Runs under torchrun for several processes (DDP)."
+            "Train a music transformer on a token store made by `midigen encode`. Checkpoints, metrics.jsonl, "
+            "a loss curve and TensorBoard events (`tensorboard --logdir runs/`) go to RUN. Ctrl-C stops after the "
+            "current step and writes a checkpoint; --resume goes on exactly where it stopped, with the run's "
+            "settings and budget (a budget given with --resume replaces the run's). Runs under torchrun for "
+            "several processes (DDP)."
         ),
     )
     parser.add_argument("store", help="token store folder")
     parser.add_argument("-o", "--output", required=True, metavar="RUN", help="run folder")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (default small)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model size (default small)")
     parser.add_argument("--context", type=int, help="tokens per training window (default: the preset's)")
-    parser.add_argument("--memory", choices=MEMORY_MODES, default="none", help="long-term memory (default none)")
-    parser.add_argument("--max-steps", type=int, help="training steps (the length of the schedule)")
-    parser.add_argument("--max-minutes", type=float, help="wall-clock budget of this invocation")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--eval-interval", type=int, default=200, help="steps between validations")
-    parser.add_argument("--batching", choices=BATCHING_MODES, default="auto",
-                        help="random chunks, or songs in order per lane (default: random without memory, contiguous with it)")
-    parser.add_argument("--data-location", choices=DATA_LOCATIONS, default="auto",
+    parser.add_argument("--memory", choices=MEMORY_MODES, help="long-term memory (default none)")
+    parser.add_argument("--max-steps", type=int,
+                        help=f"training steps of the run (default {DEFAULT_MAX_STEPS} when no --max-minutes is given)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="training time of the run, over all its invocations; with --max-steps, whichever "
+                             "runs out first ends the run")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['learning_rate']:g})")
+    parser.add_argument("--warmup-steps", type=int, help=f"default {DEFAULTS['warmup_steps']}")
+    parser.add_argument("--eval-interval", type=int,
+                        help=f"steps between validations (default {DEFAULTS['eval_interval']})")
+    parser.add_argument("--batching", choices=BATCHING_MODES,
+                        help="random chunks, or songs in order per lane (default auto: random without memory, "
+                             "contiguous with it)")
+    parser.add_argument("--data-location", choices=DATA_LOCATIONS,
                         help="token store on the gpu, in cpu memory or memmap from disk; kNN memory on the gpu or in "
-                             "cpu memory (default: the fastest place each fits)")
-    parser.add_argument("--transpose", type=int, default=5, help="random transposition range in semitones")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                             "cpu memory (default auto: the fastest place each fits)")
+    parser.add_argument("--transpose", type=int,
+                        help=f"random transposition range in semitones (default {DEFAULTS['max_transpose']})")
+    parser.add_argument("--device", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from midigen.model.config import ModelConfig
-    from midigen.training.config import TrainConfig
-    from midigen.training.recipe import open_training_store, train
+    from midigen.data.store import open_finished_store
 
+    store = open_finished_store(args.store)  # before the heavy imports below: a bad store is refused at once
+
+    from midigen.model.config import ModelConfig
+    from midigen.training.recipe import train
+
+    given = {option: getattr(args, option) for option in (*TRAIN_OPTIONS, *MODEL_OPTIONS)
+             if getattr(args, option) is not None} | ({"compile": True} if args.compile else {})
     budget = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
-    if args.max_steps is None and args.max_minutes is None:
-        budget["max_steps"] = 2000
-    train_config = TrainConfig(
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        eval_interval=args.eval_interval,
-        seed=args.seed,
-        device=args.device,
-        compile=args.compile,
-        batching=args.batching,
-        max_transpose=args.transpose,
-        data_location=args.data_location,
-        **budget,
-    )
-    model_config = None
-    if not args.resume:
-        overrides = {"memory": args.memory} | ({"context": args.context} if args.context else {})
-        model_config = ModelConfig.preset(args.preset, open_training_store(args.store).config, **overrides)
+    if args.resume:
+        if given:
+            log.warning("%s: a resumed run keeps its settings; ignoring %s", args.output,
+                        ", ".join("--" + option.replace("_", "-") for option in given))
+        train_config = None if budget == {"max_steps": None, "max_minutes": None} else TrainConfig(**budget)
+        model_config = None
+    else:
+        if budget == {"max_steps": None, "max_minutes": None}:
+            budget["max_steps"] = DEFAULT_MAX_STEPS
+        train_config = TrainConfig(**{TRAIN_OPTIONS[option]: value for option, value in given.items()
+                                      if option in TRAIN_OPTIONS}, compile=args.compile, **budget)
+        overrides = {name: given[name] for name in ("memory", "context") if name in given}
+        model_config = ModelConfig.preset(args.preset or "small", store.config, **overrides)
     result, trainer = train(args.store, args.output, model_config, train_config, resume=args.resume,
                             progress=not args.quiet)
     if trainer.dist.is_main:

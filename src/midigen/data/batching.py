@@ -106,7 +106,9 @@ def transpose_notes(tokens: Tensor, shifts: np.ndarray, vocab: Vocab) -> Tensor:
 
 
 def draw_shifts(lowest: np.ndarray, highest: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """A shift in [-max_shift, max_shift] per row that keeps every note of the row inside 0..127."""
+    """A shift per row, uniform over the whole semitones in [-max_shift, max_shift] that keep every note of the row
+    inside 0..127: a row whose notes come within `max_shift` of either end has fewer shifts to choose from (notes
+    are never folded or clipped), and a row with no notes (lowest 128, highest −1) may take any shift."""
     low = np.maximum(-max_shift, -np.minimum(lowest, NUM_PITCHES - 1).clip(min=0))
     high = np.minimum(max_shift, NUM_PITCHES - 1 - np.maximum(highest, 0))
     high = np.maximum(high, low)

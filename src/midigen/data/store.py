@@ -57,11 +57,24 @@ class SongEntry:
     notes: int
     split: str
 
+    def __post_init__(self) -> None:
+        for name in ("path", "hash", "split"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is not a string")
+        for name in ("start", "length", "notes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} is not a count")
+
 
 @dataclass(frozen=True)
 class SkippedFile:
     path: str
     reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not isinstance(self.reason, str):
+            raise TypeError("path and reason must be strings")
 
     @property
     def category(self) -> str:
@@ -78,10 +91,26 @@ def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
     rows = []
     for number, line in enumerate(complete.splitlines(), 1):
         try:
-            rows.append(row_type(**json.loads(line)))
-        except (ValueError, TypeError) as exc:
+            fields = json.loads(line)
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+            rows.append(row_type(**fields))
+        except (ValueError, TypeError, RecursionError) as exc:
             raise MidigenError(f"{path}: store is damaged (line {number}: {exc})") from None
     return rows, len(complete)
+
+
+def _read_songs(root: Path) -> tuple[list[SongEntry], int]:
+    """The index of a store, checked to tile the arrays from the start, and its byte length."""
+    path = root / SONGS_FILE
+    songs, length = _read_journal(path, SongEntry)
+    end = 0
+    for number, song in enumerate(songs, 1):
+        if song.start != end:
+            raise MidigenError(f"{path}: store is damaged (line {number}: song starts at token {song.start}, "
+                               f"the songs before it end at {end})")
+        end += song.length
+    return songs, length
 
 
 class TokenStore:
@@ -92,11 +121,10 @@ class TokenStore:
         if not (self.root / CONFIG_FILE).exists():
             raise MidigenError(f"{self.root}: not a token store (no {CONFIG_FILE}); create one with `midigen encode`")
         self.config = TokenizerConfig.load(self.root / CONFIG_FILE)
-        self.songs: list[SongEntry] = _read_journal(self.root / SONGS_FILE, SongEntry)[0]
+        self.songs: list[SongEntry] = _read_songs(self.root)[0]
         self.num_tokens = self.songs[-1].start + self.songs[-1].length if self.songs else 0
         self.arrays = {name: self._map(name, dtype) for name, dtype in ARRAY_DTYPES.items()}
-        report_path = self.root / REPORT_FILE
-        self.report: dict[str, Any] | None = json.loads(report_path.read_text()) if report_path.exists() else None
+        self.report: dict[str, Any] | None = _read_report(self.root / REPORT_FILE)
 
     def _map(self, name: str, dtype: type[np.generic]) -> np.ndarray:
         path = self.root / f"{name}.bin"
@@ -138,6 +166,29 @@ class TokenStore:
     def shard(self) -> tuple[int, int] | None:
         """(I, N) for the store of shard I of N of an encode, else None."""
         return _read_shard(self.root)
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """report.json, or None while the store is unfinished."""
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise MidigenError(f"{path}: store is damaged (report not readable JSON: {str(exc).splitlines()[0]})") from None
+    if not isinstance(report, dict):
+        raise MidigenError(f"{path}: store is damaged (report is not a JSON object)")
+    return report
+
+
+def open_finished_store(path: str | Path) -> TokenStore:
+    """A store to train on or evaluate with: one whose encode has finished, holding songs."""
+    store = TokenStore(path)
+    if not store.complete:
+        raise MidigenError(f"{store.root}: store is unfinished (an encode was interrupted); rerun `midigen encode`")
+    if len(store) == 0:
+        raise MidigenError(f"{store.root}: store holds no songs")
+    return store
 
 
 def _read_shard(root: Path) -> tuple[int, int] | None:
@@ -183,7 +234,7 @@ class StoreWriter:
             raise MidigenError(f"{self.root}: store holds another share of the files than {_shard_text(shard)} "
                                f"({_shard_text(_read_shard(self.root))}); use a new output folder")
         self.config = config
-        songs, songs_length = _read_journal(self.root / SONGS_FILE, SongEntry)
+        songs, songs_length = _read_songs(self.root)
         skipped, skipped_length = _read_journal(self.root / SKIPPED_FILE, SkippedFile)
         self.num_tokens = songs[-1].start + songs[-1].length if songs else 0
         self.hashes = {song.hash: song.path for song in songs}

@@ -13,6 +13,7 @@ from torch import Tensor
 from midigen.codec.config import Vocab
 from midigen.data.batching import Batch, SongLanes, TokenArrays
 from midigen.errors import MidigenError
+from midigen.evaluation.recall import recall_targets
 from midigen.model.memory import MemoryState
 
 TOKEN_TYPES = ("note", "duration", "sep")
@@ -99,7 +100,8 @@ def evaluate_split(
     device: torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """NLL of `model` on every token of a split, by type, and the bigram floor.
+    """NLL of `model` on every token of a split, by type, and the bigram floor; and the NLL on the recall tokens
+    (`midigen.evaluation.recall`: repeats of passages beyond the model's window and XL memory) and on the others.
 
     The bigram is fitted on the training split and scored on exactly the tokens the model predicts.
     """
@@ -114,9 +116,24 @@ def evaluate_split(
     device = device or next(model.parameters()).device
     data = TokenArrays(store, "memmap")
     total = int(sum(max(0, store.songs[i].length - 1) for i in songs))
+    reach = model.config.context + model.config.memory_length
+    recall = {song: recall_targets(store.song(song).tokens, reach) for song in songs}
+    recall_sums = {True: [0.0, 0], False: [0.0, 0]}
     with tqdm(total=total, desc=f"eval {split}", unit="tok", disable=not progress) as bar:
         for batch, nll in score_songs(model, data, songs, min(batch_size, len(songs)), device):
-            tokens = batch["tokens"].numpy()
-            accumulator.add(tokens[:, :-1], tokens[:, 1:], nll.numpy())
+            tokens, nll = batch["tokens"].numpy(), nll.numpy()
+            accumulator.add(tokens[:, :-1], tokens[:, 1:], nll)
+            for lane, (song, offset) in enumerate(zip(batch["song"].tolist(), batch["offset"].tolist())):
+                if song < 0:
+                    continue
+                targets = recall[song][offset + 1 : offset + 1 + nll.shape[1]]  # (≤ T,) the lane's targets
+                scored = nll[lane, : targets.size][tokens[lane, 1 : 1 + targets.size] != 0]
+                is_recall = targets[tokens[lane, 1 : 1 + targets.size] != 0]
+                for kind in (True, False):
+                    recall_sums[kind][0] += float(scored[is_recall == kind].sum())
+                    recall_sums[kind][1] += int((is_recall == kind).sum())
             bar.update(int((tokens[:, 1:] != 0).sum()))
-    return {"split": split, **accumulator.result()}
+    (recall_total, recall_count), (other_total, other_count) = recall_sums[True], recall_sums[False]
+    return {"split": split, **accumulator.result(),
+            "recall_nll": recall_total / recall_count if recall_count else None, "recall_tokens": recall_count,
+            "other_nll": other_total / other_count if other_count else None, "reach": reach}

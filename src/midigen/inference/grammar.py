@@ -9,8 +9,11 @@ or another `<sep>` only if the gap was a full `max_duration` piece.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
+
+STATES = ("start", "after_note", "after_sep", "after_gap", "after_full_gap", "after_note_duration", "end")
 
 
 class Grammar:
@@ -72,3 +75,44 @@ class Grammar:
                 return index
             self.feed(token)
         return None
+
+
+class GrammarTables:
+    """The grammar as tensors on the model's device, for many lanes at once: a lane's state is a pair
+    (state code, lowest pitch of its group), advanced and turned into masks by table look-ups.
+
+    The tables are read off `Grammar` itself, state by state and token by token, so both follow one set
+    of rules.
+    """
+
+    def __init__(self, config: TokenizerConfig, device: torch.device) -> None:
+        grammar = Grammar(config)
+        size, levels = grammar.vocab.size, NUM_PITCHES + 1  # lowest pitch of a group: 0..127, or none yet
+        masks = np.zeros((2, len(STATES), levels, size), dtype=bool)  # (allow_end, state, lowest, V)
+        next_state = np.zeros((len(STATES), size), dtype=np.int64)
+        next_lowest = np.zeros((len(STATES), size), dtype=np.int64)  # −1: the token leaves it as it was
+        for code, state in enumerate(STATES):
+            for lowest in range(levels):
+                grammar.state, grammar.lowest_in_group = state, lowest
+                masks[0, code, lowest], masks[1, code, lowest] = grammar.allowed(False), grammar.allowed(True)
+            for token in range(size):
+                grammar.state, grammar.lowest_in_group = state, -1
+                grammar.feed(token)
+                next_state[code, token], next_lowest[code, token] = STATES.index(grammar.state), grammar.lowest_in_group
+        self.masks = torch.as_tensor(masks, device=device)
+        self.next_state = torch.as_tensor(next_state, device=device)
+        self.next_lowest = torch.as_tensor(next_lowest, device=device)
+
+    @staticmethod
+    def state_of(grammar: Grammar) -> tuple[int, int]:
+        """(state code, lowest pitch) of a `Grammar` fed with a prompt."""
+        return STATES.index(grammar.state), grammar.lowest_in_group
+
+    def allowed(self, state: torch.Tensor, lowest: torch.Tensor, allow_end: bool) -> torch.Tensor:
+        """state, lowest (B,) → the tokens each lane may take next (B, V) bool."""
+        return self.masks[int(allow_end), state, lowest]
+
+    def advance(self, state: torch.Tensor, lowest: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (state, lowest) (B,) of each lane after taking `tokens` (B,)."""
+        fed = self.next_lowest[state, tokens]
+        return self.next_state[state, tokens], torch.where(fed < 0, lowest, fed)

@@ -172,6 +172,26 @@ class KnnMemory:
             self.values[lanes, :, slots] = values[lanes, :, positions].to(self.device, torch.float32)
             self.written += counts - dropped
 
+    def select(self, lanes: Tensor) -> None:
+        """Keep only `lanes` (L,) long, in that order: a generation drops its lanes that have finished."""
+        self._store_staged()
+        self.keys, self.values = self.keys[lanes.to(self.device)], self.values[lanes.to(self.device)]
+        self.written = self.written[lanes.cpu()]
+        self.lanes = len(lanes)
+
+    @classmethod
+    def stacked(cls, memories: list[KnnMemory]) -> KnnMemory:
+        """One memory holding the lanes of `memories`, in order: a generation fills each prompt's alone first."""
+        first = memories[0]
+        stacked = cls(0, first.keys.shape[1], first.head_dim, first.capacity, first.top_k, first.device, first.backend)
+        for memory in memories:
+            memory._store_staged()
+        stacked.keys = torch.cat([memory.keys for memory in memories])
+        stacked.values = torch.cat([memory.values for memory in memories])
+        stacked.written = torch.cat([memory.written for memory in memories])
+        stacked.lanes = len(stacked.written)
+        return stacked
+
     def state_dict(self) -> dict[str, Any]:
         used = int(self.sizes().max())  # stores what is staged first
         # copies of the filled slots only: torch.save would write a view's whole storage

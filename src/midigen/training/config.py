@@ -15,11 +15,15 @@ DATA_LOCATIONS = ("auto", "gpu", "cpu", "memmap")
 class TrainConfig(JsonConfig):
     """Optimisation and budget.
 
-    max_steps: length of the learning-rate schedule; training stops there.
-    max_minutes: wall-clock budget of one invocation; when it runs out a checkpoint is written and
-        training stops (resume to go on). The schedule follows whichever budget is further along, so
-        the learning rate has decayed when either runs out (a resumed time-budgeted run starts a new
-        cosine cycle).
+    max_steps: training steps of the whole run; training stops there.
+    max_minutes: training time of the whole run, over all its invocations (validation and checkpoints
+        included, the time between a stop and a resume not); when it runs out a checkpoint is written
+        and training stops. The learning-rate schedule follows whichever budget is further along, so the
+        learning rate has decayed when either runs out. Both budgets persist (the time used in the
+        checkpoint's schedule, the budget in config.json), so a resumed run follows the same schedule as
+        one that never stopped. Resuming with a new budget replaces the old one and stretches (or
+        shortens) the schedule to it: from the position the run has reached, the learning rate follows
+        the cosine of the new length (it rises again when the budget grows past a decayed schedule).
     eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
     batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane; "auto" picks
         random without memory and contiguous with it.
@@ -64,3 +68,17 @@ class TrainConfig(JsonConfig):
             raise MidigenError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.batch_size < 1:
             raise MidigenError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise MidigenError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MidigenError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise MidigenError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "max_transpose"):
+            if not getattr(self, name) >= 0:
+                raise MidigenError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("log_interval", "eval_interval", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise MidigenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.checkpoint_minutes > 0:
+            raise MidigenError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")

@@ -3,35 +3,34 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from midigen.codec.config import TokenizerConfig
+from midigen.codec.tokenizer import SeedTokenizer
 from midigen.data.batching import RandomChunks, SongLanes, TokenArrays
-from midigen.data.store import TokenStore
-from midigen.errors import MidigenError
+from midigen.data.store import TokenStore, open_finished_store
+from midigen.errors import BadMidiError, MidigenError
 from midigen.evaluation.nll import score_songs
 from midigen.model.config import ModelConfig
 from midigen.model.memory import MemoryState, knn_store_device
 from midigen.model.transformer import MusicTransformer
 from midigen.training.config import TrainConfig
-from midigen.inference.model_files import CONFIG_FILE, RUN_KIND, model_folder, read_config, run_config_dict
+from midigen.inference.model_files import (CONFIG_FILE, RUN_KIND, LoadedModel, model_folder, read_config,
+                                           run_config_dict)
 from midigen.training.distributed import setup_distributed
 from midigen.training.trainer import FitResult, Trainer
 
 log = logging.getLogger(__name__)
 
-
-def open_training_store(path: str | Path) -> TokenStore:
-    store = TokenStore(path)
-    if not store.complete:
-        raise MidigenError(f"{store.root}: store is unfinished (an encode was interrupted); rerun `midigen encode`")
-    if len(store) == 0:
-        raise MidigenError(f"{store.root}: store holds no songs")
-    return store
+PICTURE_TOKENS = 48  # a few bars: cheap enough to draw at every validation
+PICTURE_WIDTH_PX, PICTURE_HEIGHT_PX = 800, 300
 
 
 def split_songs(store: TokenStore) -> tuple[list[int], list[int]]:
@@ -100,6 +99,33 @@ def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig,
     return SongLanes(data, songs, model_config.context, config.batch_size, seed, mode, config.max_transpose)
 
 
+def generation_picture(tokenizer_config: TokenizerConfig, model_config: ModelConfig, run_dir: Path):  # noqa: ANN201
+    """A function drawing, as a piano roll, what the model writes from nothing: always with the same seed, so
+    that the pictures of successive validations show the model change rather than the dice."""
+    from matplotlib.image import imread
+
+    from midigen.evaluation.render import render_piano_roll
+    from midigen.inference.generate import empty_prompt, generate, generation_score
+    from midigen.inference.sampling import SamplingConfig
+
+    tokenizer = SeedTokenizer(tokenizer_config)
+
+    def illustrate(model: nn.Module, step: int) -> dict[str, np.ndarray]:
+        trained = LoadedModel(model, tokenizer_config, model_config, run_dir, step)  # type: ignore[arg-type]
+        generation = generate(trained, empty_prompt(tokenizer), SamplingConfig(seed=0), new_tokens=PICTURE_TOKENS)
+        with tempfile.TemporaryDirectory(prefix="midigen-picture-") as folder:
+            try:
+                png = render_piano_roll(generation_score(generation, tokenizer), Path(folder) / "roll.png",
+                                        f"step {step}: {PICTURE_TOKENS} tokens from nothing",
+                                        PICTURE_WIDTH_PX, PICTURE_HEIGHT_PX)
+            except BadMidiError:  # no notes (yet): nothing to draw
+                return {}
+            rgba = imread(png)  # (H, W, 4) floats in [0, 1]
+        return {"generation/piano_roll": np.round(rgba[..., :3] * 255).astype(np.uint8)}
+
+    return illustrate
+
+
 def store_description(store: TokenStore) -> dict[str, Any]:
     """What a run records of the store it learned from (its identity tells two stores apart wherever they lie)."""
     return {"path": str(store.root), "identity": store.identity(), "songs": len(store),
@@ -110,13 +136,17 @@ def train(
     store_path: str | Path,
     run_dir: str | Path,
     model_config: ModelConfig | None,
-    train_config: TrainConfig,
+    train_config: TrainConfig | None,
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[FitResult, Trainer]:
-    """Train (or resume training) a model on a token store; checkpoints and metrics go to `run_dir`."""
+    """Train (or resume training) a model on a token store; checkpoints and metrics go to `run_dir`.
+
+    A resumed run keeps its settings: only the budget of `train_config` is used, and it replaces the run's;
+    with no `train_config` the run keeps its budget too.
+    """
     run_dir = Path(run_dir)
-    store = open_training_store(store_path)
+    store = open_finished_store(store_path)
     if resume:
         saved = read_config(model_folder(run_dir))
         if saved["kind"] != RUN_KIND:
@@ -128,8 +158,10 @@ def train(
         except MidigenError as exc:
             raise MidigenError(f"{run_dir / CONFIG_FILE}: {exc}") from None
         model_config = saved["model"]
-        # a resumed run keeps its settings; only the budget may be changed
-        train_config = replace(saved_train, max_steps=train_config.max_steps, max_minutes=train_config.max_minutes)
+        train_config = saved_train if train_config is None else replace(
+            saved_train, max_steps=train_config.max_steps, max_minutes=train_config.max_minutes)
+    elif train_config is None:
+        raise ValueError("a new run needs a training config")
     model_config = model_config or ModelConfig.preset("small", store.config)
     if model_config.vocab_size != store.config.vocab.size or model_config.beat_positions != store.config.beat_positions:
         raise MidigenError(f"{store.root}: the model's vocabulary does not match the store's tokenizer")
@@ -159,8 +191,9 @@ def train(
         run_config,
         stateful={"sampler": sampler, "memory": memory},
         progress=progress,
+        illustrate=generation_picture(store.config, model_config, run_dir),
     )
     return trainer.fit(resume=resume), trainer
 
 
-__all__ = ["SegmentLoss", "open_training_store", "split_songs", "store_description", "train"]
+__all__ = ["SegmentLoss", "generation_picture", "split_songs", "store_description", "train"]

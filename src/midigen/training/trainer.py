@@ -1,7 +1,9 @@
 """A generic trainer: optimiser, schedule, budgets, logging, checkpoints, resume, DDP.
 
-It knows nothing about music: it draws batches from an iterator, asks `loss_fn` for a loss and
-`evaluate` for validation figures, and checkpoints whatever `stateful` objects it is given.
+It knows nothing about music: it draws batches from an iterator, asks `loss_fn` for a loss, `evaluate`
+for validation figures and `illustrate` for pictures of the model at each validation, and checkpoints
+whatever `stateful` objects it is given. It logs to metrics.jsonl and to TensorBoard event files in the
+run folder (`tensorboard --logdir runs/` shows every run).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,14 +27,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from midigen.errors import MidigenError
 from midigen.inference.model_files import CHECKPOINT_FILE, CONFIG_FILE, LEGACY_CHECKPOINT_FILE, WEIGHT_PREFIX, run_weights
-from midigen.io_utils import atomic_path, atomic_write_text
+from midigen.io_utils import atomic_path, atomic_write_bytes, atomic_write_text
 from midigen.state_files import load_state, load_weights, save_state, unique_state
 from midigen.training.config import TrainConfig
 from midigen.training.distributed import Distributed
 from midigen.training.host_memory import keep_freed_memory
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
+# TensorBoard tags of the logged figures (others keep their own names; elapsed_s is TensorBoard's own time axis)
+SCALAR_TAGS = {"train_loss": "loss/train", "val_loss": "loss/validation", "lr": "learning_rate",
+               "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
+UNLOGGED_FIGURES = ("step", "elapsed_s")
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ class Stateful(Protocol):
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]  # → (loss, scored tokens)
+Illustrate = Callable[[nn.Module, int], dict[str, np.ndarray]]  # (model, step) → pictures by name, (H, W, 3) uint8
 
 
 @dataclass
@@ -56,6 +66,17 @@ class FitResult:
     @property
     def interrupted(self) -> bool:
         return self.stopped_by == "interrupt"
+
+
+def metrics_row(line: bytes) -> dict[str, Any] | None:
+    """A row of metrics.jsonl (a step and numbers), or None for a line that is not one."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nesting too deep
+        return None
+    if not isinstance(row, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
+        return None
+    return row if isinstance(row.get("step"), int) else None
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -110,12 +131,13 @@ class Trainer:
         run_config: dict[str, Any],
         stateful: dict[str, Stateful] | None = None,
         progress: bool = True,
+        illustrate: Illustrate | None = None,
     ) -> None:
         self.config, self.dist, self.run_dir = config, dist, Path(run_dir)
         if dist.device.type == "cpu":
             keep_freed_memory()
         self.model = model.to(dist.device)
-        self.batches, self.loss_fn, self.evaluate = batches, loss_fn, evaluate
+        self.batches, self.loss_fn, self.evaluate, self.illustrate = batches, loss_fn, evaluate, illustrate
         self.run_config = run_config  # config.json: whatever the caller needs to rebuild the run
         self.stateful = stateful or {}
         self.progress = progress and dist.is_main
@@ -212,33 +234,66 @@ class Trainer:
             raise MidigenError(f"{path}: damaged optimiser state ({reason})") from None
 
     # ---- logging ------------------------------------------------------------------------------
-    def _log(self, row: dict[str, Any]) -> None:
-        if not self.dist.is_main:
+    def _log(self, row: dict[str, Any], events: SummaryWriter | None) -> None:
+        if events is None:  # only the main process logs
             return
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        for name, value in row.items():
+            if name not in UNLOGGED_FIGURES:
+                events.add_scalar(SCALAR_TAGS.get(name, name), value, row["step"])
 
     def _trim_metrics(self) -> None:
-        """Drop rows logged after the checkpoint we resume from, so they are not written twice."""
+        """Drop rows logged after the step training goes on from, so they are not written twice.
+
+        A torn last line (the process was killed while writing it) goes quietly. Other damaged lines are
+        dropped with a warning, after the file as it was is kept beside it: a damaged log should not stop
+        a run, nor lose anything."""
         path = self.run_dir / METRICS_FILE
         if not self.dist.is_main or not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MidigenError(f"{path}: cannot read the training log ({exc.strerror or exc})") from None
+        complete = data[: data.rfind(b"\n") + 1]
+        kept, damaged = [], []
+        for number, line in enumerate(complete.splitlines(), 1):
+            row = metrics_row(line)
+            if row is None and line.strip():
+                damaged.append(number)
+            elif row is not None and row["step"] <= self.step:
+                kept.append(line + b"\n")
+        if damaged:
+            aside = next(path.with_name(f"{path.name}.damaged{n or ''}") for n in range(10**6)
+                         if not path.with_name(f"{path.name}.damaged{n or ''}").exists())
+            atomic_write_bytes(aside, data)
+            shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+            log.warning("%s: dropped %d damaged line(s) (line %s); the file as it was is kept in %s",
+                        path, len(damaged), shown, aside.name)
+        atomic_write_bytes(path, b"".join(kept))
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _progress(self, invocation_start: float) -> float:
-        """How far the schedule is: the larger of the step and time fractions, so the learning rate has
-        decayed whichever budget runs out first."""
+    def _progress(self, elapsed_s: float) -> float:
+        """How far the schedule is: the larger of the step and time fractions of the run's budget, so the
+        learning rate has decayed whichever budget runs out first."""
         fractions = []
         if self.config.max_steps is not None:
             fractions.append(self.step / self.config.max_steps)
         if self.config.max_minutes is not None:
-            fractions.append((time.monotonic() - invocation_start) / (60 * self.config.max_minutes))
+            fractions.append(elapsed_s / (60 * self.config.max_minutes))
         return max(fractions)
 
-    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> tuple[float, int]:
+    def _spent(self, elapsed_s: float) -> str | None:
+        """The budget that has run out after `elapsed_s` seconds of training over all invocations, if any."""
+        if self.config.max_steps is not None and self.step >= self.config.max_steps:
+            return "max_steps"
+        if self.config.max_minutes is not None and elapsed_s >= 60 * self.config.max_minutes:
+            return "max_minutes"
+        return None
+
+    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> tuple[float, int, float]:
+        """One optimiser step: the loss, the tokens it scored, and the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tensors = {name: torch.as_tensor(array).to(self.dist.device, non_blocking=True) for name, array in batch.items()}
@@ -246,56 +301,68 @@ class Trainer:
         with self.autocast:
             loss, scored = self.loss_fn(self.train_model, tensors)
         loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # an infinite limit measures the norm and leaves the gradients as they are
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), scored
+        return float(loss.detach()), scored, float(grad_norm)
 
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, events: SummaryWriter | None) -> dict[str, float]:
         self.model.eval()
         with self.autocast:
             figures = self.evaluate(self.model)
+            if self.illustrate is not None and events is not None:
+                for tag, picture in self.illustrate(self.model, self.step).items():
+                    events.add_image(tag, picture, self.step, dataformats="HWC")
         self.last_val = figures["val_loss"]
         if self.best_val is None or figures["val_loss"] < self.best_val:
             self.best_val = figures["val_loss"]
         return figures
 
     def fit(self, resume: bool = False) -> FitResult:
+        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MidigenError(f"{self.run_dir}: cannot make the run folder ({exc.strerror or exc})") from None
         if resume:
             if not (self.run_dir / CHECKPOINT_FILE).exists():
                 raise MidigenError(f"{self.run_dir}: nothing to resume (no {CHECKPOINT_FILE})")
             self.load_checkpoint()
-            self._trim_metrics()
         elif any((self.run_dir / name).exists() for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE)):
             raise MidigenError(f"{self.run_dir}: already holds a run; pass --resume to continue it or use a new folder")
+        self._trim_metrics()  # a fresh run drops the log of an attempt that stopped before its first checkpoint
+        spent = self._spent(self.elapsed_s)
+        if spent is not None:
+            log.warning("%s: the run has used its budget (%s) at step %d; give a larger one to train on",
+                        self.run_dir, spent, self.step)
+            return FitResult(self.step, None, {} if self.last_val is None else {"val_loss": self.last_val}, spent)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(self.run_config, indent=2) + "\n")
         cfg = self.config
         start = time.monotonic()
         last_checkpoint = start
-        window_start, window_tokens, window_losses = start, 0, []
+        window_start, window_tokens, window_losses, window_norms = start, 0, [], []
         last_loss: float | None = None
         val: dict[str, float] = {}
-        stopped_by = "max_steps"
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress)
-        with bar, stop_requests() as stop_requested:
+        # events past the step training goes on from are hidden, as their rows are trimmed from metrics.jsonl
+        events = SummaryWriter(str(self.run_dir), purge_step=self.step + 1) if self.dist.is_main else None
+        with bar, stop_requests() as stop_requested, events or nullcontext():
             while True:
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                # every rank stops at the same step and follows the same schedule, timed by the slowest
+                stop, elapsed = self._agree(stop_requested(), self.elapsed_s + time.monotonic() - start)
+                spent = self._spent(elapsed)
+                if spent is not None or stop:
+                    stopped_by = spent or "interrupt"
                     break
-                if cfg.max_minutes is not None and time.monotonic() - start >= 60 * cfg.max_minutes:
-                    stopped_by = "max_minutes"
-                    break
-                if self._agree(stop_requested()):
-                    stopped_by = "interrupt"
-                    break
-                lr = learning_rate(cfg, self.step, self._progress(start))
-                loss, scored = self._train_step(next(self.batches), lr)
+                lr = learning_rate(cfg, self.step, self._progress(elapsed))
+                loss, scored, grad_norm = self._train_step(next(self.batches), lr)
                 self.step += 1
                 window_losses.append(loss)
+                window_norms.append(grad_norm)
                 window_tokens += scored * self.dist.world_size
                 if self.tokens_seen is not None:
                     self.tokens_seen += scored * self.dist.world_size
@@ -308,33 +375,35 @@ class Trainer:
                         "train_loss": last_loss,
                         "lr": lr,
                         "tokens_per_s": window_tokens / max(1e-9, now - window_start),
+                        "grad_norm": float(np.mean(window_norms)),
                         "elapsed_s": self.elapsed_s + now - start,
                     }
                     if self.step % cfg.eval_interval == 0:
-                        val = self._validate()
+                        val = self._validate(events)
                         row.update(val)
-                    self._log(row)
+                    self._log(row, events)
                     if "val_loss" in row:
                         self._plot()
                     bar.set_postfix(self._postfix(row, start), refresh=False)
-                    window_start, window_tokens, window_losses = time.monotonic(), 0, []
+                    window_start, window_tokens, window_losses, window_norms = time.monotonic(), 0, [], []
                 if time.monotonic() - last_checkpoint > 60 * cfg.checkpoint_minutes:
                     self._checkpoint(start)
                     last_checkpoint = time.monotonic()
             if stopped_by != "interrupt" and (not val or self.step % cfg.eval_interval):
-                val = self._validate()
-                self._log({"step": self.step, **val, "elapsed_s": self.elapsed_s + time.monotonic() - start})
+                val = self._validate(events)
+                self._log({"step": self.step, **val, "elapsed_s": self.elapsed_s + time.monotonic() - start}, events)
             self._checkpoint(start)
             self._plot()
         return FitResult(self.step, last_loss, val, stopped_by)
 
-    def _agree(self, flag: bool) -> bool:
-        """Under DDP every rank must stop at the same step, or the next collective would hang."""
+    def _agree(self, flag: bool, elapsed_s: float) -> tuple[bool, float]:
+        """Under DDP every rank must stop at the same step, or the next collective would hang, and use the same
+        learning rate, or the weights would drift apart: the stop request of any rank, the longest time of all."""
         if not self.dist.enabled:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.dist.device)
+            return flag, elapsed_s
+        tensor = torch.tensor([float(flag), elapsed_s], dtype=torch.float64, device=self.dist.device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return bool(tensor.item())
+        return bool(tensor[0].item()), float(tensor[1].item())
 
     def _checkpoint(self, invocation_start: float) -> None:
         now = time.monotonic()
@@ -347,7 +416,7 @@ class Trainer:
         if "val_loss" in row:
             postfix["val"] = f"{row['val_loss']:.3f}"
         if self.config.max_minutes is not None:
-            left = max(0.0, 60 * self.config.max_minutes - (time.monotonic() - start))
+            left = max(0.0, 60 * self.config.max_minutes - (self.elapsed_s + time.monotonic() - start))
             postfix["budget left"] = f"{left / 60:.1f} min"
         return postfix
 
