@@ -162,7 +162,7 @@ def summary(report: DemoReport) -> str:
             f"{name} {values['overlap_area']:.2f}" for name, values in figures["metrics"].items() if values
         ),
         f"pieces: {', '.join(str(p) for p in report.pieces)}",
-        f"piano rolls: {len(report.pictures)} PNG, audio: {len(report.sounds)} WAV, beside each piece",
+        f"piano rolls: {len(report.pictures)} PNG, audio: {len(report.sounds)} WAV, beside the pieces drawn",
         f"figures: {report.out_dir / 'eval.json'}, {report.out_dir / 'metrics.json'}, {report.out_dir / 'metrics.png'}, "
         f"loss curve {report.out_dir / 'run' / 'loss.png'}",
         *report.notes,
