@@ -1,0 +1,227 @@
+"""A studio generation: its parameters read from a form, its prompt from an upload, and the run itself,
+which streams each note to the page as it is sampled and keeps the result as a take.
+
+Uploads are untrusted: a MIDI file is parsed first in a worker process under a watchdog (the one `encode`
+uses), so that a file that crashes or hangs the parser costs that request and not the studio; audio is
+transcribed in the transcriber's own worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import symusic
+
+from midigen.codec.sandbox import encode_isolated
+from midigen.codec.tokenizer import SeedTokenizer
+from midigen.errors import BadMidiError, MidigenError
+from midigen.inference.generate import Prompt, TokenEvent, generate, generation_score, load_prompt
+from midigen.inference.model_files import LoadedModel
+from midigen.inference.sampling import SamplingConfig
+from midigen.studio.jobs import Cancelled, Job
+from midigen.studio.takes import TAKE_ID, Takes
+
+MAX_UPLOAD_BYTES = 16 * 2**20  # a prompt file, MIDI or audio
+MAX_BARS = 64  # bars to generate, and bars of a prompt
+MAX_RUN_SECONDS = 300.0  # wall-clock time a generation may take before it stops with what it has
+PARSE_TIMEOUT_S = 10.0  # a MIDI upload the parser has not finished with by then is refused
+TEXT_FIELDS = ("model", "take", "prompt_bars", "bars", "temperature", "top_p", "seed", "instruments")
+
+
+class UploadTooLarge(MidigenError):
+    """An upload over `MAX_UPLOAD_BYTES` (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a client asks for: the model, what to continue and how, and the instrument to write it with."""
+
+    model: str
+    prompt_bars: int = 4
+    bars: int = 8
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+    program: int = 0  # General MIDI program of the written result
+    take: str | None = None  # continue this take instead of an upload
+
+    @classmethod
+    def from_form(cls, fields: Mapping[str, str]) -> GenerationRequest:
+        """Parse a form's text fields; a missing, unknown or bad field gets a one-line `MidigenError`."""
+        if not fields.get("model"):
+            raise MidigenError("model: missing (choose one of GET /api/models)")
+        take = fields.get("take") or None
+        if take is not None and not TAKE_ID.fullmatch(take):
+            raise MidigenError(f"take: not a take id: {take[:40]!r}")
+        try:
+            sampling = SamplingConfig(temperature=_number(fields, "temperature", 1.0, 0.0, 5.0),
+                                      top_p=_number(fields, "top_p", 1.0, 0.0, 1.0),
+                                      seed=_integer(fields, "seed", None, 0, 2**62 - 2**16))
+        except MidigenError as exc:
+            raise MidigenError(str(exc).replace("top-p", "top_p")) from None
+        return cls(model=fields["model"], prompt_bars=_integer(fields, "prompt_bars", 4, 1, MAX_BARS),
+                   bars=_integer(fields, "bars", 8, 1, MAX_BARS), sampling=sampling,
+                   program=_program(fields.get("instruments")), take=take)
+
+
+def check_field_names(names: list[str], text_fields: Sequence[str], file_field: str) -> None:
+    """Refuse a form with a field the endpoint does not have, or one given twice."""
+    known = [*text_fields, file_field]
+    unknown = sorted({name for name in names if name not in known})
+    if unknown:
+        raise MidigenError(f"unknown form field(s): {', '.join(n[:40] for n in unknown)} (known: {', '.join(known)})")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise MidigenError(f"form field(s) given more than once: {', '.join(repeated)}")
+
+
+def _integer(fields: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> Any:
+    text = fields.get(name, "")
+    if text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise MidigenError(f"{name}: expected a whole number, got {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise MidigenError(f"{name}: must be from {low} to {high}, got {value}")
+    return value
+
+
+def _number(fields: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    text = fields.get(name, "")
+    if text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise MidigenError(f"{name}: expected a number, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise MidigenError(f"{name}: must be from {low:g} to {high:g}, got {text[:40]}")
+    return value
+
+
+def _program(text: str | None) -> int:
+    """`instruments`: the General MIDI program (0-127) the result is written with. Today's models write one
+    stream of notes, so one instrument."""
+    if not text:
+        return 0
+    programs = [part.strip() for part in text.split(",")]
+    if len(programs) != 1:
+        raise MidigenError(f"instruments: this model writes one stream of notes; give one General MIDI program, "
+                           f"got {len(programs)}")
+    try:
+        program = int(programs[0])
+    except ValueError:
+        raise MidigenError(f"instruments: expected a General MIDI program number (0-127), got {text[:40]!r}") from None
+    if not 0 <= program <= 127:
+        raise MidigenError(f"instruments: General MIDI programs are 0 to 127, got {program}")
+    return program
+
+
+def upload_suffix(name: str, data: bytes) -> str:
+    """The file type of an upload, from its first bytes (never its name): ".mid", or ".wav", ".flac", ".ogg" or
+    ".mp3" for audio; a one-line `MidigenError` for an empty, oversized or unknown file."""
+    if not data:
+        raise MidigenError(f"prompt {name}: empty file (0 bytes)")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(f"prompt {name}: {len(data) / 2**20:.1f} MiB; uploads are limited to "
+                             f"{MAX_UPLOAD_BYTES // 2**20} MiB")
+    head = data[:16]
+    riff = head[8:12] if head.startswith(b"RIFF") else b""
+    if head.startswith(b"MThd") or riff == b"RMID":
+        return ".mid"
+    for suffix, matches in ((".wav", riff == b"WAVE"), (".flac", head.startswith(b"fLaC")),
+                            (".ogg", head.startswith(b"OggS")),
+                            # an ID3 tag, or an MPEG audio frame's sync bits
+                            (".mp3", head.startswith(b"ID3") or (head[0] == 0xFF and len(head) > 1 and head[1] >= 0xE0))):
+        if matches:
+            return suffix
+    raise MidigenError(f"prompt {name}: neither a MIDI file nor audio (WAV, FLAC, MP3 or OGG)")
+
+
+def prompt_from_midi(path: Path, shown_name: str, bars: int, loaded: LoadedModel) -> Prompt:
+    """The first `bars` bars of an untrusted MIDI file, parsed first in a worker process."""
+    try:
+        encode_isolated(path, loaded.tokenizer, timeout_s=PARSE_TIMEOUT_S)
+        return load_prompt(path, bars, SeedTokenizer(loaded.tokenizer))  # now known to parse safely
+    except BadMidiError as exc:
+        raise BadMidiError(f"prompt {shown_name}", exc.reason) from None
+
+
+def notes_of(score: symusic.Score, steps_per_quarter: int, prompt: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """A score's notes on the step grid, as the page draws them: pitch, onset step, length in steps, and whether
+    the note is one of the `prompt`'s notes (a continuation may add notes to the prompt's last chord, so where
+    a note starts does not tell)."""
+    ticks_per_step = score.ticks_per_quarter // steps_per_quarter
+    rows = [track.notes.numpy() for track in score.tracks if track.note_num()]
+    if not rows:
+        return []
+    steps = np.concatenate([r["time"] for r in rows]).astype(np.int64) // ticks_per_step
+    lengths = np.maximum(1, np.concatenate([r["duration"] for r in rows]).astype(np.int64) // ticks_per_step)
+    pitches = np.concatenate([r["pitch"] for r in rows]).astype(np.int64)
+    order = np.lexsort((-pitches, steps))
+    from_prompt = {(note["pitch"], note["step"], note["length"]) for note in prompt}
+    return [{"pitch": int(p), "step": int(s), "length": int(n), "prompt": (int(p), int(s), int(n)) in from_prompt}
+            for p, s, n in zip(pitches[order], steps[order], lengths[order])]
+
+
+def timeline(prompt: Prompt, bars: int, steps_per_quarter: int) -> dict[str, Any]:
+    """How the page lays out steps in time: its tempo and where the bars start."""
+    return {"tempo_qpm": prompt.tempo_qpm, "steps_per_quarter": steps_per_quarter,
+            "seconds_per_step": 60.0 / (prompt.tempo_qpm * steps_per_quarter),
+            "bar_steps": [prompt.grid.bar_start(bar) for bar in range(prompt.bars + bars + 1)],
+            "continuation_step": prompt.end_step}
+
+
+def note_streamer(job: Job, deadline: float, note_offset: int, duration_offset: int) -> Callable[[TokenEvent], bool]:
+    """`generate`'s `on_token`: emits each note as its duration is sampled, and stops the generation when the
+    job is cancelled or past its deadline."""
+    last_token = [0]
+
+    def on_token(event: TokenEvent) -> bool:
+        if event.completes_note:
+            job.emit("note", {"pitch": last_token[0] - note_offset, "step": event.step,
+                              "length": event.token - duration_offset + 1, "bar": event.bar})
+        last_token[0] = event.token
+        return job.cancelled or time.monotonic() > deadline
+
+    return on_token
+
+
+def run_generation(job: Job, loaded: LoadedModel, model_name: str, prompt: Prompt, request: GenerationRequest,
+                   takes: Takes) -> dict[str, Any]:
+    """Continue `prompt`, streaming notes as `job` events; keep the result as take `job.id` and return what the
+    page is told of it."""
+    tokenizer = SeedTokenizer(loaded.tokenizer)
+    config = loaded.tokenizer
+    layout = timeline(prompt, request.bars, config.steps_per_quarter)
+    prompt_score = tokenizer.decode(prompt.sequence, prompt.tempo_qpm, prompt.grid)
+    prompt_notes = [{**note, "prompt": True} for note in notes_of(prompt_score, config.steps_per_quarter)]
+    job.emit("start", {"id": job.id, **layout, "prompt_notes": prompt_notes})
+    on_token = note_streamer(job, time.monotonic() + MAX_RUN_SECONDS, config.vocab.note_offset,
+                             config.vocab.duration_offset)
+    generation = generate(loaded, prompt, request.sampling, bars=request.bars, on_token=on_token)
+    if job.cancelled:
+        raise Cancelled
+    score = generation_score(generation, tokenizer)
+    if score.note_num() == 0:
+        raise MidigenError("the generation holds no notes: try another seed or a higher temperature")
+    for track in score.tracks:
+        track.program = request.program
+    continuation = generation.continuation_step if generation.prompt_length > 1 else 0
+    info = {"id": job.id, "kind": "generation", "model": model_name, "title": f"{model_name} take {job.id[:8]}",
+            **layout, "continuation_step": continuation,
+            "notes": notes_of(score, config.steps_per_quarter, prompt_notes),
+            "new_tokens": len(generation.sequence) - generation.prompt_length, "seed": generation.seed,
+            "program": request.program, **urls(job.id)}
+    takes.save(job.id, score, info)
+    return info
+
+
+def urls(take_id: str) -> dict[str, str]:
+    return {kind: f"/api/generations/{take_id}.{kind}" for kind in ("mid", "wav", "png")}
