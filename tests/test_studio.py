@@ -415,7 +415,8 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
 def test_a_full_queue_refuses_with_429_and_closed_streams_cancel_their_generations(
         url: str, tiny_run: Path, gated: threading.Event) -> None:
     before = queue_stats(url)
-    form = {"model": tiny_run.name, "bars": "2", "seed": "1"}
+    # long enough that the server sees the running client gone before the generation could finish on its own
+    form = {"model": tiny_run.name, "bars": "64", "seed": "1"}
     with httpx.Client(timeout=60) as client:
         # (each stream's events are read through one iterator: dropping an iterator that has not reached the end
         # closes its response, which is a client going away)

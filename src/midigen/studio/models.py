@@ -34,7 +34,6 @@ class ModelShelf:
                 raise MidigenError(f"{place}: not a run or model folder, nor a folder of them")
         self.device = device
         self._loaded: dict[Path, LoadedModel] = {}
-        self._failed: dict[Path, str] = {}
         self._lock = threading.Lock()
 
     def folders(self) -> dict[str, Path]:
@@ -62,17 +61,15 @@ class ModelShelf:
         return folders[name]
 
     def load(self, name: str) -> LoadedModel:
-        """The model called `name`, loaded once; a model that does not load gives its one-line error each time."""
+        """The model called `name`, loaded once; one that does not load (yet: a run may be writing its first
+        checkpoint) gives its one-line error, and is tried again next time."""
         folder = self.folder(name)
         with self._lock:
-            if folder in self._failed:
-                raise MidigenError(self._failed[folder])
             if folder not in self._loaded:
                 try:
                     self._loaded[folder] = load_model(folder, self.device)
                 except MidigenError as exc:
-                    self._failed[folder] = f"model {name}: {exc}"
-                    raise MidigenError(self._failed[folder]) from None
+                    raise MidigenError(f"model {name}: {exc}") from None
             return self._loaded[folder]
 
     def loss_plot(self, name: str) -> Path | None:
