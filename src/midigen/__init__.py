@@ -1,12 +1,13 @@
 """midigen: learn music from MIDI files and write more of it."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from midigen.codec import (  # noqa: E402
     BarGrid,
     SeedTokenizer,
     TokenizerConfig,
     TokenSequence,
+    load_tokenizer,
     show_position_score,
     show_sparse_score,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "TokenizerConfig",
     "__version__",
     "load_model",
+    "load_tokenizer",
     "show_position_score",
     "show_sparse_score",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midigen.codec.tokenizer import SeedTokenizer
+from midigen.codec.registry import load_tokenizer
 from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
@@ -114,7 +114,7 @@ def write_pieces(trained: Any, store: Any, config: DemoConfig, report: DemoRepor
     from midigen.inference.generate import empty_prompt, generate_batch, load_prompt, write_generation
     from midigen.inference.sampling import SamplingConfig
 
-    tokenizer = SeedTokenizer(trained.tokenizer)
+    tokenizer = load_tokenizer(trained.tokenizer)
     folder = config.out_dir / "generated"
     chorales, extra = prompts_for(store, config)
     prompts = [load_prompt(path, config.prompt_bars, tokenizer) for path in chorales + extra]

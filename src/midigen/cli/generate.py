@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     length.add_argument("--seconds", type=float, help="seconds of music to generate, at the prompt's tempo")
     parser.add_argument("--until-end", action="store_true",
                         help="let the model end the song (<eos>) before the length above is reached")
+    parser.add_argument("--instruments", metavar="LIST",
+                        help="what the continuation may play: General MIDI programs and `drums`, comma-separated "
+                             "(e.g. 0,33,drums or piano,bass,drums); needs a model trained with instruments")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature; 0 (or below 1e-6) is greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
@@ -61,7 +64,8 @@ def companion(option: str | None, output: Path, suffix: str, number: int, count:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from midigen.codec.tokenizer import SeedTokenizer
+    from midigen.codec.instruments import parse_instruments
+    from midigen.codec.registry import load_tokenizer
     from midigen.errors import MidigenError
     from midigen.evaluation.render import find_fluidsynth, find_soundfont, render_piano_roll, render_wav
     from midigen.inference.generate import empty_prompt, generate_batch, load_prompt, write_generation
@@ -72,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
     if args.wav is not None:
         find_fluidsynth(), find_soundfont(args.soundfont)  # a missing synthesizer or SoundFont stops us first
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    instruments = parse_instruments(args.instruments) if args.instruments else None
     trained = load_model(args.run_dir, args.device)
-    tokenizer = SeedTokenizer(trained.tokenizer)
+    tokenizer = load_tokenizer(trained.tokenizer)
     prompts = [load_prompt(path, args.prompt_bars, tokenizer) for path in args.prompt] if args.prompt else [empty_prompt(tokenizer)]
     generations = generate_batch(trained, prompts, sampling, bars=args.bars, new_tokens=args.tokens,
-                                 seconds=args.seconds, until_end=args.until_end, num_samples=args.num_samples)
+                                 seconds=args.seconds, until_end=args.until_end, num_samples=args.num_samples,
+                                 instruments=instruments)
     failed = 0
     for number, generation in enumerate(generations, 1):
         path = numbered(output, number, len(generations))

@@ -14,12 +14,21 @@ def add_tokenizer_options(parser: argparse.ArgumentParser) -> None:
                         help=f"grid resolution (default {DEFAULTS.steps_per_quarter})")
     parser.add_argument("--max-duration", type=int, default=DEFAULTS.max_duration,
                         help=f"longest duration token, in steps (default {DEFAULTS.max_duration})")
-    parser.add_argument("--keep-drums", action="store_true", help="keep drum tracks (dropped by default)")
+    parser.add_argument("--single-stream", action="store_true",
+                        help="the seed's original encoding: every non-drum note in one piano stream, no velocities "
+                             "(by default each note keeps its instrument, drums and velocity)")
+    parser.add_argument("--no-drums", action="store_true", help="drop drum tracks (kept by default)")
+    parser.add_argument("--velocity-bins", type=int, default=None,
+                        help=f"velocity levels kept, 0 for none (default {DEFAULTS.velocity_bins}; "
+                             "0 with --single-stream)")
     parser.add_argument("--keep-unisons", action="store_true",
                         help="keep every note of one pitch that starts on the same step (by default the longest "
                              "stands for them all: a single instrument sounds the same)")
 
 
 def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
+    single = args.single_stream
+    velocity_bins = args.velocity_bins if args.velocity_bins is not None else 0 if single else DEFAULTS.velocity_bins
     return TokenizerConfig(steps_per_quarter=args.steps_per_quarter, max_duration=args.max_duration,
-                           keep_drums=args.keep_drums, merge_unisons=not args.keep_unisons)
+                           instruments=not single, keep_drums=not (single or args.no_drums),
+                           velocity_bins=velocity_bins, merge_unisons=not args.keep_unisons)

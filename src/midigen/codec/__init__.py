@@ -1,7 +1,12 @@
-"""MIDI ⇄ tokens: the seed's sparse → position → index score encoding."""
+"""MIDI ⇄ tokens: the `Tokenizer` interface, its registry (`load_tokenizer`), and the seed codec (single stream or
+multi-track)."""
 
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
-from midigen.codec.midi_io import MidiNotes, read_notes
+from midigen.codec.grammar import GrammarTables
+from midigen.codec.instruments import parse_instruments
+from midigen.codec.interface import Tokenizer
+from midigen.codec.midi_io import NoteTable, read_notes
+from midigen.codec.registry import load_tokenizer
 from midigen.codec.timing import BarGrid, TimeSignatureChange
 from midigen.codec.tokenizer import (
     GAP,
@@ -19,15 +24,19 @@ __all__ = [
     "GAP",
     "NUM_PITCHES",
     "BarGrid",
-    "MidiNotes",
+    "GrammarTables",
+    "NoteTable",
     "PositionScore",
     "SeedTokenizer",
     "SparseScore",
     "TimeSignatureChange",
+    "Tokenizer",
     "TokenSequence",
     "TokenizerConfig",
     "Vocab",
+    "load_tokenizer",
     "note_accuracy",
+    "parse_instruments",
     "pitch_name",
     "read_notes",
     "show_position_score",

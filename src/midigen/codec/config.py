@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -12,33 +14,50 @@ from midigen.config import JsonConfig
 from midigen.errors import MidigenError
 
 NUM_PITCHES = 128
+PAD_ID = 0  # padding, in every tokenizer's vocabulary: batches pad with it and the loss skips it
+
+
+TOKENIZER_KINDS = ("seed",)
+GM_PROGRAMS = 128
+MAX_VELOCITY_BINS = 127
 
 
 @dataclass(frozen=True)
 class TokenizerConfig(JsonConfig):
     """How MIDI becomes tokens.
 
+    kind: the tokenizer family (`midigen.codec.load_tokenizer` builds it); "seed" is the seed's codec.
     steps_per_quarter: grid resolution (8 = 32nd notes).
     max_duration: longest note or gap one duration token holds, in steps; longer notes are clamped,
         longer gaps are split into several `<sep> d` pairs.
     max_bar_quarters: bound on the position-in-bar embedding, in quarter notes: positions lie in
         [0, max_bar_quarters * steps_per_quarter); in longer bars (rare, e.g. 9/4) they wrap around.
-    keep_drums: drum tracks (MIDI channel 10) are dropped unless this is set.
+    instruments: each note keeps its instrument (General MIDI program, or drums), and decoding writes one
+        track per instrument; off, all kept notes become the seed's single piano stream.
+    keep_drums: drum notes (MIDI channel 10) are kept (with `instruments`, as drum hits; without, as pitched
+        notes of the one stream); off, they are dropped.
+    velocity_bins: velocities are kept in this many equal bins of 1..127 (0: not kept; decoding writes
+        `DEFAULT_VELOCITY`).
     tempo_qpm: tempo written by `decode` when the caller gives none.
     merge_unisons: notes of one pitch that start on the same step (most often voices or tracks in
-        unison) become one note, the longest, as in the seed's sparse score, which holds one note per
-        step and pitch; a single instrument sounds the same. Off, every one is kept: they follow each
+        unison) of one instrument become one note, the longest, as in the seed's sparse score, which holds one
+        note per step and pitch; a single instrument sounds the same. Off, every one is kept: they follow each
         other in their onset group, longest first, and `decode` writes each further one on an extra track.
     """
 
+    kind: str = "seed"
     steps_per_quarter: int = 8
     max_duration: int = 256
     max_bar_quarters: int = 8
-    keep_drums: bool = False
+    instruments: bool = True
+    keep_drums: bool = True
+    velocity_bins: int = 8
     tempo_qpm: float = 120.0
     merge_unisons: bool = True
 
     def __post_init__(self) -> None:
+        if self.kind not in TOKENIZER_KINDS:
+            raise MidigenError(f"unknown tokenizer kind {self.kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
         if self.steps_per_quarter < 1:
             raise MidigenError(f"steps_per_quarter must be >= 1, got {self.steps_per_quarter}")
         if self.max_duration < 1:
@@ -47,10 +66,33 @@ class TokenizerConfig(JsonConfig):
             raise MidigenError(f"tempo_qpm must be > 0, got {self.tempo_qpm}")
         if self.max_bar_quarters < 1:
             raise MidigenError(f"max_bar_quarters must be >= 1, got {self.max_bar_quarters}")
+        if not 0 <= self.velocity_bins <= MAX_VELOCITY_BINS:
+            raise MidigenError(f"velocity_bins must be in 0..{MAX_VELOCITY_BINS}, got {self.velocity_bins}")
+        if self.velocity_bins and not self.instruments:
+            raise MidigenError("velocity_bins needs instruments: the single stream keeps no velocities")
         if Vocab(self).size > 2**16:
             raise MidigenError("vocabulary does not fit in uint16: lower max_duration")
         if self.beat_positions > 2**16:
             raise MidigenError("positions in a bar do not fit in uint16: lower max_bar_quarters or steps_per_quarter")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, object]) -> TokenizerConfig:
+        """A config as saved in a store, run or model folder. Those written before tokenizers had a `kind`
+        (midigen 0.2 and earlier) describe the single-stream seed codec without velocities."""
+        if isinstance(data, dict) and "kind" not in data:
+            data = {**data, "kind": "seed", "instruments": False, "velocity_bins": 0}
+        return cls.from_dict(data, complete=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizerConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MidigenError(f"{path}: cannot read {cls.__name__}: {exc}") from None
+        try:
+            return cls.from_saved(data)
+        except MidigenError as exc:
+            raise MidigenError(f"{path}: {exc}") from None
 
     @property
     def beat_positions(self) -> int:
@@ -62,44 +104,93 @@ class TokenizerConfig(JsonConfig):
         return Vocab(self)
 
 
-class Vocab:
-    """Token ids: `<pad> <sos> <eos> <sep>`, then `n0..n127`, then `d1..d<max_duration>`.
+def describe_difference(saved: TokenizerConfig, other: TokenizerConfig) -> str:
+    """The fields in which two configs differ, as "name: saved → other", for an error message."""
+    fields = [name for name in saved.to_dict() if getattr(saved, name) != getattr(other, name)]
+    return ", ".join(f"{name}: {getattr(saved, name)!r} → {getattr(other, name)!r}" for name in fields) or "none"
 
-    Every offset between token families is computed here and nowhere else.
+
+class Vocab:
+    """Token ids, family after family: `<pad> <sos> <eos> <sep>`, notes `n0..n127`, durations
+    `d1..d<max_duration>`; with instruments, `i0..i127` (General MIDI programs) and drum hits `h0..h127`;
+    with velocities, `v1..v<velocity_bins>`. Ids of the families present before them never move, so a
+    single-stream vocabulary is a prefix of every other.
+
+    Every offset between token families is computed here and nowhere else; callers ask `ids_of(family)`.
     """
 
-    PAD, SOS, EOS, SEP = 0, 1, 2, 3
+    PAD, SOS, EOS, SEP = PAD_ID, 1, 2, 3
     SPECIALS = ("<pad>", "<sos>", "<eos>", "<sep>")
 
     def __init__(self, config: TokenizerConfig) -> None:
-        self.note_offset = len(self.SPECIALS)
-        self.duration_offset = self.note_offset + NUM_PITCHES
+        sizes = {"special": len(self.SPECIALS), "note": NUM_PITCHES, "duration": config.max_duration}
+        if config.instruments:
+            sizes |= {"instrument": GM_PROGRAMS, "hit": NUM_PITCHES}
+        if config.velocity_bins:
+            sizes["velocity"] = config.velocity_bins
+        self.families: dict[str, range] = {}
+        start = 0
+        for family, size in sizes.items():
+            self.families[family] = range(start, start + size)
+            start += size
+        self.size = start
         self.max_duration = config.max_duration
-        self.size = self.duration_offset + config.max_duration
-        assert self.note_offset == self.SEP + 1
-        assert self.duration_offset - self.note_offset == NUM_PITCHES
+        assert self.families["note"].start == self.SEP + 1
+
+    def ids_of(self, family: str) -> range:
+        """The ids of a token family (empty for a family this vocabulary lacks)."""
+        return self.families.get(family, range(0))
+
+    def family_of(self, family: str) -> np.ndarray:
+        """(V,) bool: which ids belong to `family`."""
+        mask = np.zeros(self.size, dtype=bool)
+        ids = self.ids_of(family)
+        mask[ids.start : ids.stop] = True
+        return mask
+
+    def values(self) -> np.ndarray:
+        """(V,) each token's value within its family: pitch of a note or hit, steps of a duration, program of an
+        instrument, bin of a velocity (1-based), index of a special."""
+        values = np.zeros(self.size, dtype=np.int64)
+        for family, ids in self.families.items():
+            values[ids.start : ids.stop] = np.arange(len(ids)) + (family in ("duration", "velocity"))
+        return values
 
     def note(self, pitch: int) -> int:
-        assert 0 <= pitch < NUM_PITCHES
-        return self.note_offset + pitch
+        return self._id("note", pitch)
 
     def duration(self, steps: int) -> int:
-        assert 1 <= steps <= self.max_duration
-        return self.duration_offset + steps - 1
+        return self._id("duration", steps - 1)
+
+    def instrument(self, program: int) -> int:
+        return self._id("instrument", program)
+
+    def hit(self, pitch: int) -> int:
+        return self._id("hit", pitch)
+
+    def velocity(self, bin_: int) -> int:
+        return self._id("velocity", bin_ - 1)
+
+    def _id(self, family: str, index: int) -> int:
+        ids = self.ids_of(family)
+        assert 0 <= index < len(ids), (family, index)
+        return ids[index]
 
     def is_note(self, token: int) -> bool:
-        return self.note_offset <= token < self.duration_offset
+        return token in self.ids_of("note")
 
     def is_duration(self, token: int) -> bool:
-        return self.duration_offset <= token < self.size
+        return token in self.ids_of("duration")
 
     def names(self) -> list[str]:
         """Human-readable name of every token id, in id order."""
-        return (
-            list(self.SPECIALS)
-            + [f"n{p}" for p in range(NUM_PITCHES)]
-            + [f"d{d}" for d in range(1, self.max_duration + 1)]
-        )
+        prefixes = {"note": "n", "duration": "d", "instrument": "i", "hit": "h", "velocity": "v"}
+        values = self.values()
+        names = list(self.SPECIALS)
+        for family, ids in self.families.items():
+            if family != "special":
+                names += [f"{prefixes[family]}{values[i]}" for i in ids]
+        return names
 
     def describe(self, tokens: Iterable[int] | np.ndarray) -> list[str]:
         names = self.names()

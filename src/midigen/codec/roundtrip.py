@@ -8,7 +8,7 @@ from pathlib import Path
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.midi_io import write_midi
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S, encode_isolated
-from midigen.codec.tokenizer import SeedTokenizer
+from midigen.codec.registry import load_tokenizer
 from midigen.errors import MidigenError
 
 
@@ -32,9 +32,9 @@ def roundtrip_file(
     Raises `BadMidiError` naming the file and the reason when it cannot be encoded, `MidigenError`
     when `output` cannot be written.
     """
-    tokenizer = SeedTokenizer(config)
+    tokenizer = load_tokenizer(config or TokenizerConfig())
     song = encode_isolated(source, tokenizer.config, timeout_s)
-    score = tokenizer.decode(song.sequence(tokenizer.config), tempo_qpm=song.tempo_qpm)
+    score = tokenizer.decode(song.sequence(tokenizer), song.tempos)
     try:
         write_midi(score, output)
     except OSError as exc:

@@ -8,8 +8,8 @@ other files go on.
 Workers take files in chunks, so that messages cost little per file. A worker reads and parses the
 files of its chunk one at a time, publishing in shared memory which file it is on and since when: a
 crash or a hang is pinned on that one file, and the rest of the chunk is handed out again. The
-parsed files are then tokenised together (`SeedTokenizer.sparse_scores` and `index_scores`: one
-sort and a few array operations for all of them, a large part of the cost of a small file), in
+parsed files are then tokenised together (`Tokenizer.encode_files`: one sort and a few array operations for all
+of them, a large part of the cost of a small file), in
 batches of bounded size. Results come back in input order, through a bounded reorder window, so
 memory stays flat however many files there are.
 """
@@ -33,9 +33,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from midigen.codec.config import TokenizerConfig
-from midigen.codec.midi_io import MidiNotes, first_tempo, read_midi_bytes, read_notes
+from midigen.codec.interface import Tokenizer
+from midigen.codec.midi_io import NoteTable, read_midi_bytes, read_notes, tempo_map
+from midigen.codec.registry import load_tokenizer
 from midigen.codec.timing import BarGrid
-from midigen.codec.tokenizer import PACKED_BYTES_PER_TOKEN, SeedTokenizer, TokenSequence, unpack
+from midigen.codec.tokenizer import TokenSequence, unpack
 from midigen.errors import BadMidiError, MidigenError
 from midigen.workers import death_reason, process_context
 
@@ -50,24 +52,25 @@ class EncodedSong(NamedTuple):
     """One file encoded by a worker, in the compact form that crosses the process boundary cheaply."""
 
     content_hash: str  # blake2b-128 of the file's bytes
-    notes: int  # notes read (drums dropped), before merging
+    notes: int  # notes read and kept (drums dropped are not counted), before merging
     merged: int  # notes dropped by the same-onset merge
     clamped: int  # notes shortened to max_duration
-    tempo_qpm: float  # the file's first tempo
+    tempos: tuple[tuple[int, float], ...]  # (step, quarter notes per minute)
     time_signatures: tuple[tuple[int, int, int], ...]  # (step, numerator, denominator)
-    packed: bytes  # `TokenSequence.pack()`
+    instruments: tuple[int, ...]  # instrument keys its notes play (programs, 128 for drums)
+    length: int  # tokens
+    packed: bytes  # `TokenSequence.pack(tokenizer.array_dtypes)`
 
     @property
-    def length(self) -> int:
-        return len(self.packed) // PACKED_BYTES_PER_TOKEN
+    def tempo_qpm(self) -> float:
+        """The file's first tempo."""
+        return self.tempos[0][1]
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return unpack(self.packed)
-
-    def sequence(self, config: TokenizerConfig) -> TokenSequence:
+    def sequence(self, tokenizer: Tokenizer) -> TokenSequence:
         """The token sequence, with the file's bar grid."""
+        config = tokenizer.config
         grid = BarGrid.of(self.time_signatures, config.steps_per_quarter, config.beat_positions)
-        return TokenSequence.unpacked(self.arrays(), grid)
+        return TokenSequence.unpacked(unpack(self.packed, tokenizer.array_dtypes), grid)
 
 
 @dataclass(frozen=True)
@@ -82,20 +85,20 @@ EncodeResult = EncodedSong | Skip
 
 class ParsedFile(NamedTuple):
     content_hash: str  # blake2b-128 of the file's bytes
-    notes: MidiNotes
+    notes: NoteTable
 
 
-def parse_one(path: str, keep_drums: bool) -> ParsedFile | Skip:
+def parse_one(path: str) -> ParsedFile | Skip:
     """Read and parse one file: the part that may crash or hang on a malformed file. Never raises."""
     try:
         data = read_midi_bytes(path)
-        notes = read_notes(data, keep_drums)
+        notes = read_notes(data)
     except Exception as exc:  # every failure, expected or not, becomes the file's reason
         return skip_for(exc)
     return ParsedFile(hashlib.blake2b(data, digest_size=16).hexdigest(), notes)
 
 
-def encode_together(paths: Sequence[str], tokenizer: SeedTokenizer,
+def encode_together(paths: Sequence[str], tokenizer: Tokenizer,
                     on_file: Callable[[int], None] = lambda position: None) -> list[EncodeResult]:
     """Encode files in this process: each parsed on its own (`on_file(position)` before it, for a
     watchdog), then tokenised together in batches. Never raises: a failure is that file's `Skip`."""
@@ -104,7 +107,7 @@ def encode_together(paths: Sequence[str], tokenizer: SeedTokenizer,
     notes = 0
     for position, path in enumerate(paths):
         on_file(position)
-        parsed = parse_one(path, tokenizer.config.keep_drums)
+        parsed = parse_one(path)
         if isinstance(parsed, Skip):
             results[position] = parsed
             continue
@@ -118,13 +121,12 @@ def encode_together(paths: Sequence[str], tokenizer: SeedTokenizer,
     return results  # type: ignore[return-value]
 
 
-def _tokenise(batch: list[tuple[int, ParsedFile]], tokenizer: SeedTokenizer, results: list[EncodeResult | None]) -> None:
+def _tokenise(batch: list[tuple[int, ParsedFile]], tokenizer: Tokenizer, results: list[EncodeResult | None]) -> None:
     """Tokenise parsed files together; if that fails, each alone, so that a failure is one file's."""
     if not batch:
         return
     try:
-        sparse = tokenizer.sparse_scores([parsed.notes for _, parsed in batch])
-        sequences = tokenizer.index_scores(sparse)
+        encoded = tokenizer.encode_files([parsed.notes for _, parsed in batch])
     except Exception as exc:
         if len(batch) == 1:
             results[batch[0][0]] = skip_for(exc)
@@ -132,15 +134,20 @@ def _tokenise(batch: list[tuple[int, ParsedFile]], tokenizer: SeedTokenizer, res
             for item in batch:
                 _tokenise([item], tokenizer, results)
         return
-    for (position, parsed), score, sequence in zip(batch, sparse, sequences):
+    config = tokenizer.config
+    for (position, parsed), done in zip(batch, encoded):
+        sequence = done.sequence
+        assert sequence.grid is not None
         results[position] = EncodedSong(
             content_hash=parsed.content_hash,
-            notes=len(parsed.notes),
-            merged=score.merged_notes,
-            clamped=score.clamped_notes,
-            tempo_qpm=first_tempo(parsed.notes, tokenizer.config.tempo_qpm),
-            time_signatures=tuple((c.step, c.numerator, c.denominator) for c in score.grid.changes),
-            packed=sequence.pack(),
+            notes=done.notes,
+            merged=done.merged,
+            clamped=done.clamped,
+            tempos=tempo_map(parsed.notes, config.steps_per_quarter, config.tempo_qpm),
+            time_signatures=tuple((c.step, c.numerator, c.denominator) for c in sequence.grid.changes),
+            instruments=done.instruments,
+            length=len(sequence),
+            packed=sequence.pack(tokenizer.array_dtypes),
         )
 
 
@@ -273,7 +280,7 @@ def _serve(conn: Connection, config: TokenizerConfig, progress: Any, parent: int
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with(parent)
     gc.freeze()  # the garbage collector is not to walk (and so copy) every object inherited from the parent
-    tokenizer = SeedTokenizer(config)
+    tokenizer = load_tokenizer(config)
     try:
         def on_file(position: int) -> None:
             progress[1] = time.monotonic()  # the start time first: the parent reads them the other way round

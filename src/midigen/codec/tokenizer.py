@@ -24,29 +24,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import symusic
 
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
-from midigen.codec.midi_io import MidiNotes, read_notes
+from midigen.codec.grammar import GrammarTables
+from midigen.codec.midi_io import DRUM_INSTRUMENT, NoteTable, read_notes
+from midigen.codec.multitrack import decode_multitrack, encode_multitrack, instrument_feature, multitrack_score
+from midigen.codec.rows import (
+    GAP,
+    KEY_DURATION_MASK,
+    MAX_BATCH_SONGS,
+    MAX_SONG_STEPS,
+    ROW_SONG,
+    PositionScore,
+    position_rows,
+    song_of_each,
+    sort_notes,
+    split_long_gaps,
+)
 from midigen.codec.timing import BarGrid, ticks_to_steps
 from midigen.errors import BadMidiError, MidigenError
 
-GAP = -1  # pitch column value of a gap row in a position score
 DEFAULT_VELOCITY = 80
-MAX_SONG_STEPS = 2**24  # about 24 days at 120 qpm and 8 steps per quarter; steps are stored as uint32
 MAX_DENSE_CELLS = 50_000_000
-# Packed sort key of a note: song (of a batch), then step (up to MAX_SONG_STEPS), then 127 - pitch,
-# then 0xFFFF - duration.
-KEY_PITCH_SHIFT = 16
-KEY_STEP_SHIFT = 23
-KEY_STEP_MASK = 2 * MAX_SONG_STEPS - 1  # steps go up to MAX_SONG_STEPS itself
-KEY_SONG_SHIFT = KEY_STEP_SHIFT + KEY_STEP_MASK.bit_length()
-KEY_DURATION_MASK = 0xFFFF
-MAX_BATCH_SONGS = 2 ** (63 - KEY_SONG_SHIFT)
-ROW_SONG = 3  # the song column of position rows built for a batch of songs
 
 
 @dataclass
@@ -82,53 +86,78 @@ class SparseScore:
         return set(zip(self.steps.tolist(), self.pitches.tolist(), self.durations.tolist()))
 
 
-@dataclass
-class PositionScore:
-    """Rows of (pitch, duration, step); a gap row (pitch = GAP, duration = gap) precedes each new onset group."""
+# The smallest dtypes that always hold a sequence's arrays (the config bounds token ids and positions in a bar to
+# uint16, MAX_SONG_STEPS bounds steps and bars, instrument features fit a byte): how a token store keeps them, and
+# the order in which `TokenSequence.pack` lays them out.
+SINGLE_STREAM_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32,
+                                                     "beats": np.uint16}
+MULTITRACK_DTYPES: dict[str, type[np.generic]] = SINGLE_STREAM_DTYPES | {"instruments": np.uint8}
+INSTRUMENT_FEATURES = 130  # the `instruments` feature: 0 none, 1 + program, 129 drums
 
-    rows: np.ndarray  # (R, 3) int64
-    grid: BarGrid
 
-    PITCH, DURATION, STEP = 0, 1, 2
-
-
-# The smallest dtypes that always hold a sequence's arrays (the config bounds token ids and positions
-# in a bar to uint16, MAX_SONG_STEPS bounds steps and bars): how a token store keeps them, and the
-# order in which `TokenSequence.pack` lays them out.
-PACKED_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32, "beats": np.uint16}
-PACKED_ITEM_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in PACKED_DTYPES.items()}
-PACKED_BYTES_PER_TOKEN = sum(PACKED_ITEM_BYTES.values())
+def bytes_per_token(dtypes: dict[str, type[np.generic]]) -> int:
+    return sum(np.dtype(dtype).itemsize for dtype in dtypes.values())
 
 
 @dataclass
 class TokenSequence:
-    """The index score: token ids and, for each token, its absolute step, bar and position in the bar."""
+    """The index score: token ids, each token's absolute step, and its named features (`bars`, its bar index;
+    `beats`, its position in the bar; `instruments` with instruments on, see `INSTRUMENT_FEATURES`)."""
 
     tokens: np.ndarray  # (T,) int64
     steps: np.ndarray  # (T,) int64
-    bars: np.ndarray  # (T,) int64
-    beats: np.ndarray  # (T,) int64
+    features: dict[str, np.ndarray]  # name → (T,) int64
     grid: BarGrid | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.tokens.size)
 
-    def pack(self) -> bytes:
-        """The four arrays in `PACKED_DTYPES`, one after the other, as one compact buffer."""
-        return b"".join(getattr(self, name).astype(dtype).tobytes() for name, dtype in PACKED_DTYPES.items())
+    @property
+    def bars(self) -> np.ndarray:
+        return self.features["bars"]
+
+    @property
+    def beats(self) -> np.ndarray:
+        return self.features["beats"]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Tokens, steps and features by name."""
+        return {"tokens": self.tokens, "steps": self.steps, **self.features}
+
+    def pack(self, dtypes: dict[str, type[np.generic]]) -> bytes:
+        """The arrays named in `dtypes`, in its order and types, one after the other, as one compact buffer."""
+        arrays = self.arrays()
+        return b"".join(arrays[name].astype(dtype).tobytes() for name, dtype in dtypes.items())
 
     @classmethod
     def unpacked(cls, arrays: dict[str, np.ndarray], grid: BarGrid | None = None) -> TokenSequence:
-        return cls(*(np.asarray(arrays[name], dtype=np.int64) for name in PACKED_DTYPES), grid)
+        columns = {name: np.asarray(array, dtype=np.int64) for name, array in arrays.items()}
+        return cls(columns.pop("tokens"), columns.pop("steps"), columns, grid)
+
+    def slice(self, window: slice) -> TokenSequence:
+        """The tokens in `window`, with their steps and features."""
+        return TokenSequence(self.tokens[window], self.steps[window],
+                             {name: array[window] for name, array in self.features.items()}, self.grid)
 
 
-def unpack(buffer: bytes) -> dict[str, np.ndarray]:
-    """The arrays of a `TokenSequence.pack` buffer, as read-only views in `PACKED_DTYPES`."""
-    length, offset = len(buffer) // PACKED_BYTES_PER_TOKEN, 0
+@dataclass
+class EncodedFile:
+    """One file's tokens and what the encoding did to its notes."""
+
+    sequence: TokenSequence
+    notes: int  # notes read and kept (drums dropped are not counted), before merging
+    merged: int  # notes dropped by the merge of unisons
+    clamped: int  # notes shortened to max_duration
+    instruments: tuple[int, ...]  # instrument keys present: programs, 128 for drums
+
+
+def unpack(buffer: bytes, dtypes: dict[str, type[np.generic]]) -> dict[str, np.ndarray]:
+    """The arrays of a `TokenSequence.pack` buffer, as read-only views in `dtypes`."""
+    length, offset = len(buffer) // bytes_per_token(dtypes), 0
     arrays = {}
-    for name, dtype in PACKED_DTYPES.items():
+    for name, dtype in dtypes.items():
         arrays[name] = np.frombuffer(buffer, dtype=dtype, count=length, offset=offset)
-        offset += length * PACKED_ITEM_BYTES[name]
+        offset += length * np.dtype(dtype).itemsize
     return arrays
 
 
@@ -139,21 +168,84 @@ class SeedTokenizer:
         self.config = config or TokenizerConfig()
         self.vocab: Vocab = self.config.vocab
 
+    # ---- what the rest of midigen asks (`midigen.codec.interface.Tokenizer`) -------------------
+    @property
+    def pad_id(self) -> int:
+        return Vocab.PAD
+
+    @property
+    def array_dtypes(self) -> dict[str, type[np.generic]]:
+        return MULTITRACK_DTYPES if self.config.instruments else SINGLE_STREAM_DTYPES
+
+    @property
+    def feature_sizes(self) -> dict[str, int | None]:
+        sizes: dict[str, int | None] = {"bars": None, "beats": self.config.beat_positions}
+        if self.config.instruments:
+            sizes["instruments"] = INSTRUMENT_FEATURES
+        return sizes
+
+    @cached_property
+    def grammar(self) -> GrammarTables:
+        return GrammarTables(self.config)
+
+    def sounding(self) -> np.ndarray:
+        return self.vocab.family_of("note") | self.vocab.family_of("hit")
+
+    def transposable_pitches(self) -> np.ndarray:
+        return np.where(self.vocab.family_of("note"), self.vocab.values(), -1)
+
+    def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
+        """(V,) bool: every token but the instrument tokens of other programs, and drum hits unless 128 is chosen."""
+        allowed = np.ones(self.vocab.size, dtype=bool)
+        values = self.vocab.values()
+        allowed[self.vocab.family_of("instrument") & ~np.isin(values, list(instruments))] = False
+        if DRUM_INSTRUMENT not in instruments:
+            allowed[self.vocab.family_of("hit")] = False
+        return allowed
+
+    def token_types(self) -> dict[str, np.ndarray]:
+        types = {family: self.vocab.family_of(family) for family in self.vocab.families if family != "special"}
+        types["sep"] = np.arange(self.vocab.size) == Vocab.SEP
+        return types
+
     # ---- encode -------------------------------------------------------------------------------
-    def encode(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> TokenSequence:
+    def encode(self, source: str | Path | bytes | symusic.Score | NoteTable) -> TokenSequence:
         """Encode a MIDI path, MIDI bytes, a symusic Score or extracted notes.
 
         Raises `BadMidiError` on unusable input.
         """
-        return self.index_score(self.position_score(self.sparse_score(source)))
+        notes = source if isinstance(source, NoteTable) else read_notes(source)
+        return self.encode_files([notes])[0].sequence
 
-    def sparse_score(self, source: str | Path | bytes | symusic.Score | MidiNotes) -> SparseScore:
+    def encode_files(self, tables: Sequence[NoteTable]) -> list[EncodedFile]:
+        """Encode several files together: one sort and a few array operations for all of them."""
+        if self.config.instruments:
+            songs = encode_multitrack(tables, self.config)
+            return [EncodedFile(self.placed(song.tokens, song.steps, song.grid, song.instruments), song.notes,
+                                song.merged_notes, song.clamped_notes, instruments_of(table, self.config.keep_drums))
+                    for song, table in zip(songs, tables)]
+        kept = [self.stream_notes(table) for table in tables]
+        scores = self.sparse_scores(kept)
+        return [EncodedFile(sequence, len(notes), score.merged_notes, score.clamped_notes,
+                            instruments_of(notes, self.config.keep_drums))
+                for notes, score, sequence in zip(kept, scores, self.index_scores(scores))]
+
+    def stream_notes(self, notes: NoteTable) -> NoteTable:
+        """The notes the single stream keeps: all, or all but the drums."""
+        if self.config.keep_drums or not notes.drums.any():
+            return notes
+        kept = notes.select(~notes.drums)
+        if len(kept) == 0:
+            raise BadMidiError(notes.path, "only drum notes (drums are dropped)")
+        return kept
+
+    def sparse_score(self, source: str | Path | bytes | symusic.Score | NoteTable) -> SparseScore:
         """Quantise notes to the grid, sort them (step, highest pitch first, longest first) and, with
         `merge_unisons`, keep only the longest of the notes of one pitch starting on the same step."""
-        notes = source if isinstance(source, MidiNotes) else read_notes(source, self.config.keep_drums)
-        return self.sparse_scores([notes])[0]
+        notes = source if isinstance(source, NoteTable) else read_notes(source)
+        return self.sparse_scores([self.stream_notes(notes)])[0]
 
-    def sparse_scores(self, files: Sequence[MidiNotes]) -> list[SparseScore]:
+    def sparse_scores(self, files: Sequence[NoteTable]) -> list[SparseScore]:
         """`sparse_score` of the notes of several files, sorted together: one sort and a few array
         operations for all of them, which costs far less per file than one call each.
 
@@ -179,13 +271,13 @@ class SeedTokenizer:
             in zip(files, merged.tolist(), clamped.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())
         ]
 
-    def quantise(self, notes: MidiNotes) -> tuple[np.ndarray, np.ndarray, int]:
+    def quantise(self, notes: NoteTable) -> tuple[np.ndarray, np.ndarray, int]:
         """Each note's onset step and duration in steps (1..max_duration), in input order, and how many
         notes were shortened to max_duration."""
         onsets, durations, clamped = self._quantise([notes], song_of_each([len(notes)]))
         return onsets, durations, int(clamped[0])
 
-    def _quantise(self, files: Sequence[MidiNotes], songs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _quantise(self, files: Sequence[NoteTable], songs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`quantise` of the notes of several files (each note's file in `songs`), one after the other;
         notes clamped per file."""
         cfg = self.config
@@ -201,7 +293,7 @@ class SeedTokenizer:
         clamped = np.bincount(songs[lengths > cfg.max_duration], minlength=len(files))
         return onsets, np.minimum(np.maximum(lengths, 1), cfg.max_duration), clamped
 
-    def grid_of(self, notes: MidiNotes) -> BarGrid:
+    def grid_of(self, notes: NoteTable) -> BarGrid:
         """The bar grid of a piece's time-signature map, in steps."""
         cfg = self.config
         changes = tuple(
@@ -222,8 +314,7 @@ class SeedTokenizer:
         duration token where the gap ends (what `token_steps` derives from the tokens alone).
         """
         tokens, steps, _ = self._token_arrays(position.rows, num_songs=1)
-        bars, beats = position.grid.locate(steps)
-        return TokenSequence(tokens, steps, bars, beats, position.grid)
+        return self.placed(tokens, steps, position.grid)
 
     def index_scores(self, scores: Sequence[SparseScore]) -> list[TokenSequence]:
         """`index_score(position_score(score))` of each sparse score, computed together (see `sparse_scores`)."""
@@ -235,8 +326,7 @@ class SeedTokenizer:
         tokens, steps, bounds = self._token_arrays(rows, num_songs=len(scores))
         sequences = []
         for score, start, end in zip(scores, bounds[:-1].tolist(), bounds[1:].tolist()):
-            bars, beats = score.grid.locate(steps[start:end])
-            sequences.append(TokenSequence(tokens[start:end], steps[start:end], bars, beats, score.grid))
+            sequences.append(self.placed(tokens[start:end], steps[start:end], score.grid))
         return sequences
 
     def _token_arrays(self, rows: np.ndarray, num_songs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,8 +343,8 @@ class SeedTokenizer:
         heads = 2 * np.arange(pitch.size) + 2 * song + 1  # each row's first token: songs before it add their <sos> <eos>
         is_gap = pitch == GAP
         tokens = np.empty(bounds[-1], dtype=np.int64)
-        tokens[heads] = np.where(is_gap, Vocab.SEP, vocab.note_offset + pitch)
-        tokens[heads + 1] = vocab.duration_offset - 1 + length
+        tokens[heads] = np.where(is_gap, Vocab.SEP, vocab.ids_of("note").start + pitch)
+        tokens[heads + 1] = vocab.ids_of("duration").start - 1 + length
         tokens[firsts], tokens[lasts] = Vocab.SOS, Vocab.EOS
         steps = np.empty_like(tokens)
         steps[heads] = step
@@ -270,7 +360,8 @@ class SeedTokenizer:
         `after_sep` says whether the token before `tokens[0]` was a `<sep>` (for incremental use).
         """
         tokens = np.asarray(tokens, dtype=np.int64)
-        length = tokens - (self.vocab.duration_offset - 1)  # the steps a duration token stands for
+        durations = self.vocab.ids_of("duration")
+        length = np.where((tokens >= durations.start) & (tokens < durations.stop), tokens - (durations.start - 1), 0)
         follows_sep = np.empty(tokens.size, dtype=bool)
         follows_sep[:1] = after_sep
         np.equal(tokens[:-1], Vocab.SEP, out=follows_sep[1:])
@@ -280,9 +371,17 @@ class SeedTokenizer:
 
     def with_positions(self, tokens: np.ndarray, grid: BarGrid) -> TokenSequence:
         """Tokens with the steps `token_steps` derives from them, placed in `grid`."""
-        steps = self.token_steps(tokens)
+        return self.placed(tokens, self.token_steps(tokens), grid)
+
+    def placed(self, tokens: np.ndarray, steps: np.ndarray, grid: BarGrid,
+               instruments: np.ndarray | None = None) -> TokenSequence:
+        """Tokens at `steps`, with the features they carry in `grid` (`instruments` derived from the tokens
+        unless given)."""
         bars, beats = grid.locate(steps)
-        return TokenSequence(tokens, steps, bars, beats, grid)
+        features = {"bars": bars, "beats": beats}
+        if self.config.instruments:
+            features["instruments"] = instrument_feature(tokens, self.config) if instruments is None else instruments
+        return TokenSequence(tokens, steps, features, grid)
 
     # ---- decode -------------------------------------------------------------------------------
     def decode_sparse(self, tokens: np.ndarray, grid: BarGrid | None = None) -> SparseScore:
@@ -297,34 +396,31 @@ class SeedTokenizer:
             body = body[:-1]
         pairs = body.reshape(-1, 2)
         heads, tails = pairs[:, 0], pairs[:, 1]
-        head_ok = (heads == Vocab.SEP) | ((heads >= vocab.note_offset) & (heads < vocab.duration_offset))
-        tail_ok = tails >= vocab.duration_offset
+        notes, durations = vocab.ids_of("note"), vocab.ids_of("duration")
+        head_ok = (heads == Vocab.SEP) | ((heads >= notes.start) & (heads < notes.stop))
+        tail_ok = (tails >= durations.start) & (tails < durations.stop)
         if not (head_ok.all() and tail_ok.all()):
             where = int(np.flatnonzero(~(head_ok & tail_ok))[0])
             names = vocab.describe(pairs[where])
             raise MidigenError(f"invalid token pair {names} at pair {where}: expected a note or <sep>, then a duration")
-        lengths = tails - vocab.duration_offset + 1
+        lengths = tails - durations.start + 1
         is_sep = heads == Vocab.SEP
         time = np.cumsum(np.where(is_sep, lengths, 0))
         is_note = ~is_sep
         one_song = np.zeros(int(np.count_nonzero(is_note)), dtype=np.int64)
-        steps, pitches, durations, merged = sort_notes(one_song, time[is_note], heads[is_note] - vocab.note_offset,
+        steps, pitches, durations, merged = sort_notes(one_song, time[is_note], heads[is_note] - notes.start,
                                                        lengths[is_note], self.config.merge_unisons, num_songs=1)
         cfg = self.config
         grid = grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
         return SparseScore(steps, pitches, durations, grid, merged_notes=int(merged[0]))
 
-    def decode(
-        self,
-        sequence: TokenSequence | np.ndarray | list[int],
-        tempo_qpm: float | None = None,
-        grid: BarGrid | None = None,
-        program: int = 0,
-    ) -> symusic.Score:
-        """Tokens → a one-track `symusic.Score` (General MIDI `program`, 0 = piano).
+    def decode(self, sequence: TokenSequence | np.ndarray | list[int], tempos: Sequence[tuple[int, float]] = (),
+               grid: BarGrid | None = None) -> symusic.Score:
+        """Tokens → a `symusic.Score`: one piano track for the single stream, else a track per instrument.
 
-        Time signatures come from `grid` if given, else from a `TokenSequence`'s own grid, else from
-        its positions (`BarGrid.from_positions`); plain token ids get 4/4.
+        `tempos` are (step, quarter notes per minute), the config's tempo if empty. Time signatures come from
+        `grid` if given, else from a `TokenSequence`'s own grid, else from its positions
+        (`BarGrid.from_positions`); plain token ids get 4/4.
         """
         cfg = self.config
         if isinstance(sequence, TokenSequence):
@@ -335,25 +431,28 @@ class SeedTokenizer:
                 )
         else:
             tokens = np.asarray(sequence, dtype=np.int64)
-        sparse = self.decode_sparse(tokens, grid)
-        return self.to_score(sparse, tempo_qpm or cfg.tempo_qpm, program)
+        grid = grid or BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
+        tempos = list(tempos) or [(0, cfg.tempo_qpm)]
+        if cfg.instruments:
+            return multitrack_score(decode_multitrack(tokens, cfg), grid, tempos, cfg)
+        return self.to_score(self.decode_sparse(tokens, grid), tempos)
 
-    def to_score(self, sparse: SparseScore, tempo_qpm: float, program: int = 0) -> symusic.Score:
-        """A sparse score as a `symusic.Score` in ticks: one track, plus one more for each further layer of
+    def to_score(self, sparse: SparseScore, tempos: Sequence[tuple[int, float]]) -> symusic.Score:
+        """A sparse score as a piano `symusic.Score` in ticks: one track, plus one more for each further layer of
         notes that start while a note of the same pitch still sounds (see `overlap_layers`)."""
         spq = self.config.steps_per_quarter
         tpq = 480 if 480 % spq == 0 else spq * 60
         ticks_per_step = tpq // spq
         score = symusic.Score(tpq)
-        score.tempos.append(symusic.Tempo(0, tempo_qpm))
+        for step, qpm in tempos:
+            score.tempos.append(symusic.Tempo(step * ticks_per_step, qpm))
         for change in sparse.grid.time_signatures():
             score.time_signatures.append(
                 symusic.TimeSignature(change.step * ticks_per_step, change.numerator, change.denominator)
             )
-        name = "piano" if program == 0 else f"program {program}"
         layers = overlap_layers(sparse)
         for layer in range(int(layers.max(initial=0)) + 1):
-            track = symusic.Track(name if layer == 0 else f"{name} (overlapping notes {layer})", program=program,
+            track = symusic.Track("piano" if layer == 0 else f"piano (overlapping notes {layer})", program=0,
                                   is_drum=False)
             notes = layers == layer
             track.notes = symusic.Note.from_numpy(
@@ -364,6 +463,12 @@ class SeedTokenizer:
             )
             score.tracks.append(track)
         return score
+
+
+def instruments_of(notes: NoteTable, keep_drums: bool) -> tuple[int, ...]:
+    """The instrument keys a file's kept notes play (programs; `DRUM_INSTRUMENT` for drums)."""
+    keys = np.unique(notes.instruments)
+    return tuple(int(key) for key in keys if keep_drums or key != DRUM_INSTRUMENT)
 
 
 def overlap_layers(sparse: SparseScore) -> np.ndarray:
@@ -394,81 +499,6 @@ def overlap_layers(sparse: SparseScore) -> np.ndarray:
     result = np.empty_like(layers)
     result[order] = layers
     return result
-
-
-def song_of_each(counts: Sequence[int]) -> np.ndarray:
-    """For songs of `counts` notes laid one after the other, the song of each note."""
-    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-
-
-def sort_notes(
-    songs: np.ndarray, steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray, merge_unisons: bool,
-    num_songs: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Notes of `num_songs` songs sorted by song, step, then highest pitch first, then longest first;
-    with `merge_unisons`, of several notes with the same song, step and pitch only the longest is kept.
-    Returns (steps, pitches, durations, number of notes dropped per song)."""
-    # one sort on a packed key: song, step, then pitch descending, then duration descending
-    key = np.sort((songs << KEY_SONG_SHIFT) | (steps << KEY_STEP_SHIFT) | ((127 - pitches) << KEY_PITCH_SHIFT)
-                  | (KEY_DURATION_MASK - durations))
-    kept, dropped = key, np.zeros(num_songs, dtype=np.int64)
-    if merge_unisons:
-        song_step_pitch = key >> KEY_PITCH_SHIFT
-        keep = np.empty(key.size, dtype=bool)
-        keep[:1] = True
-        np.not_equal(song_step_pitch[1:], song_step_pitch[:-1], out=keep[1:])
-        kept = key[keep]
-        dropped = np.bincount(key[~keep] >> KEY_SONG_SHIFT, minlength=num_songs)
-    return (
-        (kept >> KEY_STEP_SHIFT) & KEY_STEP_MASK,
-        127 - ((kept >> KEY_PITCH_SHIFT) & 127),
-        KEY_DURATION_MASK - (kept & KEY_DURATION_MASK),
-        dropped,
-    )
-
-
-def position_rows(steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray,
-                  songs: np.ndarray | None = None) -> np.ndarray:
-    """Rows of (pitch, duration, step) of sorted notes, with a gap row before each new onset group.
-
-    With `songs` (the notes of several songs, sorted by song first), a fourth column (`ROW_SONG`)
-    holds each row's song, and every song starts at step 0.
-    """
-    previous = np.empty_like(steps)
-    previous[:1] = 0
-    previous[1:] = steps[:-1]
-    columns = 3
-    if songs is not None:
-        previous[1:][songs[1:] != songs[:-1]] = 0
-        columns = 4
-    # a gap row, then a note row, for every note; the gap rows of notes that open no new group
-    # (steps are sorted, so a group opens where the step changes) are dropped
-    slots = np.empty((steps.size, 2, columns), dtype=np.int64)
-    slots[:, 0, PositionScore.PITCH] = GAP
-    np.subtract(steps, previous, out=slots[:, 0, PositionScore.DURATION])
-    slots[:, 0, PositionScore.STEP] = previous
-    slots[:, 1, PositionScore.PITCH] = pitches
-    slots[:, 1, PositionScore.DURATION] = durations
-    slots[:, 1, PositionScore.STEP] = steps
-    if songs is not None:
-        slots[:, :, ROW_SONG] = songs[:, None]
-    keep = np.empty((steps.size, 2), dtype=bool)
-    np.not_equal(steps, previous, out=keep[:, 0])
-    keep[:, 1] = True
-    return slots.reshape(-1, columns)[keep.ravel()]
-
-
-def split_long_gaps(rows: np.ndarray, max_dur: int) -> np.ndarray:
-    """Position rows (R, 3 or 4) with each gap longer than `max_dur` split into full `max_dur` gaps and the rest."""
-    length, is_gap = rows[:, PositionScore.DURATION], rows[:, PositionScore.PITCH] == GAP
-    pieces = np.where(is_gap, -(-length // max_dur), 1)
-    row = np.repeat(np.arange(rows.shape[0]), pieces)
-    piece = np.arange(row.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    split, gap = rows[row], is_gap[row]
-    elapsed = piece[gap] * max_dur  # of the gap, before this piece
-    split[gap, PositionScore.DURATION] = np.minimum(max_dur, split[gap, PositionScore.DURATION] - elapsed)
-    split[gap, PositionScore.STEP] += elapsed
-    return split
 
 
 # ---- inspection ---------------------------------------------------------------------------------

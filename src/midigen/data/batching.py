@@ -1,7 +1,8 @@
 """Batches from a token store.
 
-A batch is a dict of int64 tensors of shape (B, T+1), `tokens`, `bars`, `beats` (inputs are
-`[:, :-1]`, targets `[:, 1:]`; padding is token 0 and is never scored), plus `new_song` (B,) bool:
+A batch is a dict of int64 tensors of shape (B, T+1), `tokens` and the store's features (`bars`, `beats`, ...;
+`model_inputs` splits off inputs `[:, :-1]` and targets `[:, 1:]`; padding is `PAD_ID` and is never scored), plus
+`new_song` (B,) bool:
 the lane starts a song here, so its memory must be cleared first. Song lanes also give `song` (B,):
 each lane's song index in the store (−1 for an idle lane), and `offset` (B,): where in its song
 each row starts.
@@ -18,24 +19,35 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from midigen.codec.config import NUM_PITCHES, Vocab
+from midigen.codec.config import NUM_PITCHES
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
 
 Batch = dict[str, Tensor]
-FIELDS = ("tokens", "bars", "beats")
 log = logging.getLogger(__name__)
 
 
+def model_inputs(batch: Batch, features: Iterable[str]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """A batch's input tokens (B, T), the named input features (B, T) each, and the targets (B, T)."""
+    tokens = batch["tokens"]
+    return tokens[:, :-1], {name: batch[name][:, :-1] for name in features}, tokens[:, 1:]
+
+
+def batch_fields(store: TokenStore) -> list[str]:
+    """The arrays a batch carries: the tokens and every feature of the store's tokenizer."""
+    return ["tokens", *store.tokenizer.feature_sizes]
+
+
 class TokenArrays:
-    """The store's token, bar and beat arrays where training reads them: memory-mapped from disk,
-    loaded into CPU memory, or on the GPU."""
+    """The store's token and feature arrays where training reads them: memory-mapped from disk, loaded into CPU
+    memory, or on the GPU."""
 
     def __init__(self, store: TokenStore, location: str = "memmap", device: torch.device | None = None) -> None:
         self.store = store
@@ -43,7 +55,8 @@ class TokenArrays:
         self.lengths = np.array([s.length for s in store.songs], dtype=np.int64)
         self.location = resolve_location(location, store, device)
         self.device = device if self.location == "gpu" else torch.device("cpu")
-        arrays = {name: store.arrays[name] for name in FIELDS}
+        self.transposable = store.tokenizer.transposable_pitches()  # (V,) pitch of each moving token, else −1
+        arrays = {name: store.arrays[name] for name in batch_fields(store)}
         if self.location == "memmap":
             self.arrays: dict[str, Any] = arrays
         elif self.location == "cpu":
@@ -61,7 +74,7 @@ class TokenArrays:
         inside = index < end[:, None]
         index = np.where(inside, index, 0)
         batch = {}
-        for name in FIELDS:
+        for name in self.arrays:
             source = self.arrays[name]
             if self.location == "memmap":
                 rows = torch.from_numpy(np.asarray(source[index], dtype=np.int64))
@@ -70,15 +83,14 @@ class TokenArrays:
             batch[name] = rows * torch.as_tensor(inside, device=rows.device)
         return batch
 
-    def pitch_ranges(self, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
-        """Lowest and highest pitch of every song (−1 / 128 where a song has no notes)."""
-        tokens = np.asarray(self.store.arrays["tokens"], dtype=np.int64)
-        is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
-        pitch = tokens - vocab.note_offset
+    def pitch_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest pitch of the transposable tokens of every song (128 / −1 where a song has none)."""
+        pitch = self.transposable[np.asarray(self.store.arrays["tokens"], dtype=np.int64)]
+        is_note = pitch >= 0
         song_starts = self.starts[self.lengths > 0]
         lowest = np.full(len(self.starts), NUM_PITCHES)
         highest = np.full(len(self.starts), -1)
-        if tokens.size:
+        if pitch.size:
             lowest[self.lengths > 0] = np.minimum.reduceat(np.where(is_note, pitch, NUM_PITCHES), song_starts)
             highest[self.lengths > 0] = np.maximum.reduceat(np.where(is_note, pitch, -1), song_starts)
         return lowest, highest
@@ -87,7 +99,7 @@ class TokenArrays:
 def resolve_location(location: str, store: TokenStore, device: torch.device | None) -> str:
     """`auto`: the GPU when training there and the store takes under a quarter of its memory, else CPU
     memory when it takes under a quarter of that, else memory-mapped from disk."""
-    needed = store.num_tokens * 8 * len(FIELDS)  # int64 once loaded
+    needed = store.num_tokens * 8 * len(batch_fields(store))  # int64 once loaded
     on_gpu = device is not None and device.type == "cuda"
     if location == "gpu" and not on_gpu:
         raise MidigenError("--data-location gpu needs training on a CUDA device")
@@ -99,10 +111,11 @@ def resolve_location(location: str, store: TokenStore, device: torch.device | No
     return "cpu" if needed < ram / 4 else "memmap"
 
 
-def transpose_notes(tokens: Tensor, shifts: np.ndarray, vocab: Vocab) -> Tensor:
-    """Shift the notes of each row (B, T) by its own number of semitones."""
-    is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
-    return torch.where(is_note, tokens + torch.as_tensor(shifts, device=tokens.device).view(-1, 1), tokens)
+def transpose_notes(tokens: Tensor, shifts: np.ndarray, transposable: np.ndarray) -> Tensor:
+    """Shift the notes of each row (B, T) by its own number of semitones (`transposable` (V,): the pitch of each
+    token that moves, −1 for the others; a moved token's id moves by the same number)."""
+    moves = torch.as_tensor(transposable >= 0, device=tokens.device)[tokens]
+    return torch.where(moves, tokens + torch.as_tensor(shifts, device=tokens.device).view(-1, 1), tokens)
 
 
 def draw_shifts(lowest: np.ndarray, highest: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -141,13 +154,12 @@ class RandomChunks:
         offsets = np.floor(self.rng.random(self.batch_size) * (room + 1)).astype(np.int64)
         batch = self.data.gather(picks, offsets, self.context + 1)
         if self.max_transpose:
-            vocab = self.data.store.config.vocab
             tokens = batch["tokens"]
-            is_note = (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
-            pitch = tokens - vocab.note_offset
-            lowest = torch.where(is_note, pitch, NUM_PITCHES).min(dim=1).values.cpu().numpy()
-            highest = torch.where(is_note, pitch, -1).max(dim=1).values.cpu().numpy()
-            batch["tokens"] = transpose_notes(tokens, draw_shifts(lowest, highest, self.max_transpose, self.rng), vocab)
+            pitch = torch.as_tensor(self.data.transposable, device=tokens.device)[tokens]  # (B, T), −1: not a note
+            lowest = torch.where(pitch >= 0, pitch, NUM_PITCHES).min(dim=1).values.cpu().numpy()
+            highest = pitch.max(dim=1).values.cpu().numpy()
+            batch["tokens"] = transpose_notes(tokens, draw_shifts(lowest, highest, self.max_transpose, self.rng),
+                                              self.data.transposable)
         batch["new_song"] = torch.ones(self.batch_size, dtype=torch.bool)
         return batch
 
@@ -175,7 +187,7 @@ class SongLanes:
         self.data, self.songs, self.context, self.lanes, self.mode = data, list(songs), context, lanes, mode
         self.max_transpose, self.shuffle, self.endless = max_transpose, shuffle, endless
         self.rng = np.random.default_rng(seed)
-        self.lowest, self.highest = data.pitch_ranges(data.store.config.vocab)
+        self.lowest, self.highest = data.pitch_ranges()
         self.epoch = 0
         self.queue: list[int] = []
         self.lane_song = np.full(lanes, -1, dtype=np.int64)
@@ -219,7 +231,7 @@ class SongLanes:
             for lane in np.flatnonzero(finished):
                 new_song[lane] = self._take(int(lane)) or self.lane_song[lane] == -1
         batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
-        batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.store.config.vocab)
+        batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.transposable)
         batch["new_song"] = torch.as_tensor(new_song)
         batch["song"] = torch.as_tensor(self.lane_song.copy())
         batch["offset"] = torch.as_tensor(self.lane_offset.copy())

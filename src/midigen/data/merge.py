@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midigen.codec.sandbox import EncodedSong
-from midigen.codec.tokenizer import PACKED_DTYPES
 from midigen.data.store import StoreWriter, TokenStore
 from midigen.errors import MidigenError
 from midigen.workers import ForkSafeProgress
@@ -66,8 +65,10 @@ def merge_stores(inputs: list[str | Path], output: str | Path, progress: bool = 
                     duplicates.append((song.path, original))
                 else:
                     window = slice(song.start, song.start + song.length)
-                    packed = b"".join(store.arrays[name][window].tobytes() for name in PACKED_DTYPES)
-                    writer.add_song(song.path, song.split, EncodedSong(song.hash, song.notes, 0, 0, 0.0, (), packed))
+                    packed = b"".join(array[window].tobytes() for array in store.arrays.values())
+                    writer.add_song(song.path, song.split, EncodedSong(
+                        song.hash, song.notes, 0, 0, song.tempos, song.time_signatures, song.instruments, song.length,
+                        packed))
                 if index % FLUSH_SONGS == 0:
                     writer.flush()
                 bar.update(1)

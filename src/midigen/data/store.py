@@ -1,12 +1,13 @@
 """The token store: a folder of flat arrays a trainer can memory-map, indexed by song.
 
 Layout:
-    tokenizer.json   the TokenizerConfig the songs were encoded with
+    tokenizer.json   the TokenizerConfig the songs were encoded with (its `kind` names the tokenizer)
     tokens.bin       uint16, all songs concatenated
     steps.bin        uint32, absolute step of each token
-    bars.bin         uint32, bar index of each token
-    beats.bin        uint16, position of each token inside its bar
-    songs.jsonl      one row per song: path, hash, start, length, notes, split (the offsets index)
+    <feature>.bin    one per feature of the tokenizer (`Tokenizer.array_dtypes`): bars.bin (uint32, bar index of
+                     each token), beats.bin (uint16, position inside its bar), instruments.bin (uint8) with instruments
+    songs.jsonl      one row per song: path, hash, start, length, notes, split (the offsets index), and its tempo
+                     map, time signatures (in steps) and instrument keys (absent in stores of midigen 0.2)
     skipped.jsonl    one row per file that could not be encoded: path, reason
     report.json      written last: files, encoded, tokens, skipped by reason; absent while unfinished
     shard.json       only in a store of one shard of an encode (`--shard I/N`): {"index": I, "count": N}
@@ -32,13 +33,14 @@ from typing import IO, Any
 import numpy as np
 
 from midigen.codec.config import TokenizerConfig
+from midigen.codec.registry import load_tokenizer
 from midigen.codec.sandbox import EncodedSong
-from midigen.codec.tokenizer import PACKED_DTYPES, PACKED_ITEM_BYTES, TokenSequence
+from midigen.codec.timing import BarGrid
+from midigen.codec.tokenizer import TokenSequence
 from midigen.data.splits import SPLITS
 from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 
-ARRAY_DTYPES = PACKED_DTYPES
 WRITE_BUFFER_BYTES = 2**16  # a song's arrays are a few KB each: few system calls, and few pages for a short run to fault in
 CONFIG_FILE = "tokenizer.json"
 SONGS_FILE = "songs.jsonl"
@@ -56,6 +58,9 @@ class SongEntry:
     length: int
     notes: int
     split: str
+    tempos: tuple[tuple[int, float], ...] = ()  # (step, quarter notes per minute)
+    time_signatures: tuple[tuple[int, int, int], ...] = ()  # (step, numerator, denominator)
+    instruments: tuple[int, ...] = ()  # programs, 128 for drums
 
     def __post_init__(self) -> None:
         for name in ("path", "hash", "split"):
@@ -65,6 +70,15 @@ class SongEntry:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} is not a count")
+        # JSON gives lists: hold them as tuples, checked
+        object.__setattr__(self, "tempos", tuple((int(step), float(qpm)) for step, qpm in self.tempos))
+        object.__setattr__(self, "time_signatures", tuple((int(step), int(numerator), int(denominator))
+                                                          for step, numerator, denominator in self.time_signatures))
+        object.__setattr__(self, "instruments", tuple(int(key) for key in self.instruments))
+
+    def row(self) -> dict[str, Any]:
+        """The JSON row of the index."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(self).items()}
 
 
 @dataclass(frozen=True)
@@ -121,16 +135,17 @@ class TokenStore:
         if not (self.root / CONFIG_FILE).exists():
             raise MidigenError(f"{self.root}: not a token store (no {CONFIG_FILE}); create one with `midigen encode`")
         self.config = TokenizerConfig.load(self.root / CONFIG_FILE)
+        self.tokenizer = load_tokenizer(self.config)
         self.songs: list[SongEntry] = _read_songs(self.root)[0]
         self.num_tokens = self.songs[-1].start + self.songs[-1].length if self.songs else 0
-        self.arrays = {name: self._map(name, dtype) for name, dtype in ARRAY_DTYPES.items()}
+        self.arrays = {name: self._map(name, dtype) for name, dtype in self.tokenizer.array_dtypes.items()}
         self.report: dict[str, Any] | None = _read_report(self.root / REPORT_FILE)
 
     def _map(self, name: str, dtype: type[np.generic]) -> np.ndarray:
         path = self.root / f"{name}.bin"
         if self.num_tokens == 0:
             return np.zeros(0, dtype=dtype)
-        needed = self.num_tokens * PACKED_ITEM_BYTES[name]
+        needed = self.num_tokens * np.dtype(dtype).itemsize
         if not path.exists() or path.stat().st_size < needed:
             raise MidigenError(f"{path}: store is damaged ({name} shorter than its index says)")
         return np.memmap(path, dtype=dtype, mode="r", shape=(self.num_tokens,))
@@ -144,10 +159,14 @@ class TokenStore:
         return len(self.songs)
 
     def song(self, index: int) -> TokenSequence:
-        """Song `index` as a token sequence (its bar grid is rebuilt from the positions when decoded)."""
+        """Song `index` as a token sequence, with its bar grid (in a store of midigen 0.2, which kept no time
+        signatures, rebuilt from the positions when decoded)."""
         entry = self.songs[index]
         window = slice(entry.start, entry.start + entry.length)
-        return TokenSequence.unpacked({name: array[window] for name, array in self.arrays.items()})
+        grid = None
+        if entry.time_signatures:
+            grid = BarGrid.of(entry.time_signatures, self.config.steps_per_quarter, self.config.beat_positions)
+        return TokenSequence.unpacked({name: array[window] for name, array in self.arrays.items()}, grid)
 
     def split_indices(self, split: str) -> list[int]:
         return [i for i, song in enumerate(self.songs) if song.split == split]
@@ -243,9 +262,10 @@ class StoreWriter:
         self.skipped: list[SkippedFile] = skipped
         self.songs_file = self._open_cut(SONGS_FILE, songs_length)
         self.skipped_file = self._open_cut(SKIPPED_FILE, skipped_length)
+        self.item_bytes = {name: np.dtype(dtype).itemsize for name, dtype in load_tokenizer(config).array_dtypes.items()}
         self.files = {
             name: self._open_cut(f"{name}.bin", self.num_tokens * item_bytes, WRITE_BUFFER_BYTES)
-            for name, item_bytes in PACKED_ITEM_BYTES.items()
+            for name, item_bytes in self.item_bytes.items()
         }
         self.pending_rows: list[str] = []  # index rows of songs whose tokens are not yet flushed
 
@@ -283,11 +303,12 @@ class StoreWriter:
     def add_song(self, path: str, split: str, song: EncodedSong) -> SongEntry:
         packed, offset, length = memoryview(song.packed), 0, song.length
         for name, handle in self.files.items():  # the packed buffer holds the arrays one after the other
-            size = length * PACKED_ITEM_BYTES[name]
+            size = length * self.item_bytes[name]
             handle.write(packed[offset : offset + size])
             offset += size
-        entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split)
-        self.pending_rows.append(json.dumps(vars(entry)) + "\n")
+        entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split, song.tempos,
+                          song.time_signatures, song.instruments)
+        self.pending_rows.append(json.dumps(entry.row()) + "\n")
         self.num_tokens += song.length
         self.hashes[song.content_hash] = path
         self.done.add(path)

@@ -10,43 +10,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from midigen.codec.config import Vocab
-from midigen.data.batching import Batch, SongLanes, TokenArrays
+from midigen.codec.config import PAD_ID
+from midigen.data.batching import Batch, SongLanes, TokenArrays, model_inputs
 from midigen.errors import MidigenError
 from midigen.evaluation.recall import recall_targets
 from midigen.model.memory import MemoryState
 
-TOKEN_TYPES = ("note", "duration", "sep")
-
-
-def token_types(tokens: np.ndarray, vocab: Vocab) -> dict[str, np.ndarray]:
-    """Boolean masks of the scored token types (end-of-song is scored but belongs to none)."""
-    return {
-        "note": (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset),
-        "duration": tokens >= vocab.duration_offset,
-        "sep": tokens == Vocab.SEP,
-    }
-
-
 class NllAccumulator:
     """Sums of per-token NLL (model and bigram) over scored targets, split by target type."""
 
-    def __init__(self, vocab: Vocab, bigram_log_probs: np.ndarray | None = None) -> None:
-        self.vocab = vocab
+    def __init__(self, token_types: dict[str, np.ndarray], bigram_log_probs: np.ndarray | None = None) -> None:
+        self.token_types = token_types  # name → (V,) bool
         self.bigram = bigram_log_probs
         self.total = 0.0
         self.count = 0
         self.bigram_total = 0.0
-        self.by_type = {name: [0.0, 0] for name in TOKEN_TYPES}
+        self.by_type = {name: [0.0, 0] for name in token_types}
 
     def add(self, previous: np.ndarray, targets: np.ndarray, nll: np.ndarray) -> None:
         """previous, targets, nll: same shape; targets equal to padding (0) are ignored."""
-        scored = targets != Vocab.PAD
+        scored = targets != PAD_ID
         self.total += float(nll[scored].sum())
         self.count += int(scored.sum())
-        for name, mask in token_types(targets, self.vocab).items():
-            self.by_type[name][0] += float(nll[mask & scored].sum())
-            self.by_type[name][1] += int((mask & scored).sum())
+        for name, of_type in self.token_types.items():
+            mask = of_type[targets] & scored
+            self.by_type[name][0] += float(nll[mask].sum())
+            self.by_type[name][1] += int(mask.sum())
         if self.bigram is not None:
             self.bigram_total += float(-self.bigram[previous[scored], targets[scored]].sum())
 
@@ -85,10 +74,9 @@ def score_songs(
     memory = MemoryState(model.config, lanes, device, knn_device)
     for batch in SongLanes(data, songs, model.config.context, lanes, seed=0, shuffle=False, endless=False):
         tensors = {name: value.to(device) for name, value in batch.items()}
-        tokens = tensors["tokens"]
-        output = memory.forward(model, tokens[:, :-1], tensors["bars"][:, :-1], tensors["beats"][:, :-1],
-                                new_song=tensors["new_song"])
-        nll = torch.nn.functional.cross_entropy(output.logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        tokens, features, targets = model_inputs(tensors, model.config.embeddings)
+        output = memory.forward(model, tokens, features, new_song=tensors["new_song"])
+        nll = torch.nn.functional.cross_entropy(output.logits.float().transpose(1, 2), targets, reduction="none")
         yield batch, nll.cpu()
 
 
@@ -110,9 +98,8 @@ def evaluate_split(
     songs = store.split_indices(split)
     if not songs:
         raise MidigenError(f"{store.root}: no songs in split {split!r}")
-    vocab = store.config.vocab
-    bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), vocab.size)
-    accumulator = NllAccumulator(vocab, bigram)
+    bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), store.config.vocab.size)
+    accumulator = NllAccumulator(store.tokenizer.token_types(), bigram)
     device = device or next(model.parameters()).device
     data = TokenArrays(store, "memmap")
     total = int(sum(max(0, store.songs[i].length - 1) for i in songs))

@@ -81,8 +81,10 @@ it continues the opening bars of a MIDI file, or writes music from nothing.
   ({_figure(store.get("training_songs"))} for training), {_figure(store.get("tokens"))} tokens.
 - Store identity (SHA-256 of the tokenizer config and each song's content and split):
   `{store.get("identity", "not recorded")}`.
-- Encoding: {tokenizer.steps_per_quarter} steps per quarter note, durations up to {tokenizer.max_duration} steps,
-  drums {"kept" if tokenizer.keep_drums else "dropped"}, unisons {"merged" if tokenizer.merge_unisons else "kept"}.
+- Encoding: the `{tokenizer.kind}` tokenizer, {"a track per instrument" if tokenizer.instruments else "one piano stream"},
+  {tokenizer.steps_per_quarter} steps per quarter note, durations up to {tokenizer.max_duration} steps,
+  drums {"kept" if tokenizer.keep_drums else "dropped"}, {tokenizer.velocity_bins or "no"} velocity levels,
+  unisons {"merged" if tokenizer.merge_unisons else "kept"}.
 
 ## Model
 
@@ -110,10 +112,10 @@ midigen generate {name} --prompt song.mid --prompt-bars 4 --bars 8 --temperature
 ```python
 import midigen
 from midigen.inference import SamplingConfig, generate, load_prompt, write_generation
-from midigen.codec import SeedTokenizer
+from midigen.codec import load_tokenizer
 
 loaded = midigen.load_model("{name}")
-tokenizer = SeedTokenizer(loaded.tokenizer)
+tokenizer = load_tokenizer(loaded.tokenizer)
 prompt = load_prompt("song.mid", bars=4, tokenizer=tokenizer)
 write_generation(generate(loaded, prompt, SamplingConfig(temperature=0.9, seed=1), bars=8), tokenizer, "out.mid")
 ```

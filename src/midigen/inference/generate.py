@@ -18,22 +18,25 @@ import symusic
 import torch
 
 from midigen.codec.config import Vocab
-from midigen.codec.midi_io import CONTINUATION_MARKER, first_tempo, read_notes, write_midi
+from midigen.codec.interface import Tokenizer
+from midigen.codec.midi_io import CONTINUATION_MARKER, read_notes, tempo_map, write_midi
+from midigen.codec.registry import load_tokenizer
 from midigen.codec.timing import BarGrid
-from midigen.codec.tokenizer import SeedTokenizer, TokenSequence
+from midigen.codec.tokenizer import TokenSequence
 from midigen.errors import BadMidiError, MidigenError
-from midigen.inference.grammar import Grammar, GrammarTables
 from midigen.inference.model_files import LoadedModel
 from midigen.inference.sampling import SamplingConfig, sample_tokens
 from midigen.model.memory import KnnMemory, MemoryState
 from midigen.model.transformer import KV, MusicTransformer
+
+Features = dict[str, torch.Tensor]
 
 
 @dataclass
 class Prompt:
     sequence: TokenSequence  # starts with <sos>; no <eos>
     grid: BarGrid
-    tempo_qpm: float
+    tempos: tuple[tuple[int, float], ...]  # (step, quarter notes per minute), the first at step 0
     bars: int  # bars the prompt covers; the continuation starts at the beginning of the next one
     source: str | None = None
 
@@ -41,41 +44,47 @@ class Prompt:
     def end_step(self) -> int:
         return self.grid.bar_start(self.bars)
 
+    @property
+    def tempo_qpm(self) -> float:
+        """The tempo at the prompt's end, which its continuation keeps."""
+        return next(qpm for step, qpm in reversed(self.tempos) if step <= self.end_step)
 
-def empty_prompt(tokenizer: SeedTokenizer) -> Prompt:
+
+def empty_prompt(tokenizer: Tokenizer) -> Prompt:
     cfg = tokenizer.config
     grid = BarGrid.default(cfg.steps_per_quarter, cfg.beat_positions)
-    return Prompt(tokenizer.with_positions(np.array([Vocab.SOS]), grid), grid, cfg.tempo_qpm, 0)
+    return Prompt(tokenizer.with_positions(np.array([Vocab.SOS]), grid), grid, ((0, cfg.tempo_qpm),), 0)
 
 
-def load_prompt(path: str | Path, bars: int, tokenizer: SeedTokenizer) -> Prompt:
+def load_prompt(path: str | Path, bars: int, tokenizer: Tokenizer) -> Prompt:
     """The first `bars` bars of a MIDI file, encoded with the run's tokenizer."""
     if bars < 1:
         raise MidigenError(f"--prompt-bars must be at least 1, got {bars}")
-    notes = read_notes(path, tokenizer.config.keep_drums)
+    notes = read_notes(path)
     sequence = tokenizer.encode(notes)
     grid = sequence.grid
     assert grid is not None
     cut = int(np.searchsorted(sequence.steps, grid.bar_start(bars), side="left"))
-    tokens = sequence.tokens[:cut]
-    if tokens[-1] == Vocab.EOS:
-        tokens = tokens[:-1]
-    if tokens[-1] == Vocab.SEP:
-        tokens = tokens[:-1]  # the gap leading out of the prompt is the model's to choose
-    if not is_note(tokens, tokenizer.vocab).any():  # a long rest is durations (and gaps) only
+    while cut > 1 and sequence.tokens[cut - 1] in (Vocab.EOS, Vocab.SEP):
+        cut -= 1  # the end, and the gap leading out of the prompt, are the model's to choose
+    prompt = sequence.slice(slice(0, cut))
+    if not tokenizer.sounding()[prompt.tokens].any():  # a long rest is durations (and gaps) only
         raise BadMidiError(path, f"the first {bars} bar(s) hold no notes")
     last_bar = int(sequence.bars[-1]) + 1
-    return Prompt(tokenizer.with_positions(tokens, grid), grid, first_tempo(notes, tokenizer.config.tempo_qpm),
-                  min(bars, last_bar), str(path))
-
-
-def is_note(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """Which of `tokens` are notes (duration tokens come after them in the vocabulary)."""
-    return (tokens >= vocab.note_offset) & (tokens < vocab.duration_offset)
+    cfg = tokenizer.config
+    tempos = tempo_map(notes, cfg.steps_per_quarter, cfg.tempo_qpm)
+    return Prompt(prompt, grid, tempos, min(bars, last_bar), str(path))
 
 
 def as_batch(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array), device=device).view(1, -1)
+
+
+def lane_inputs(sequence: TokenSequence, names: Sequence[str], window: slice,
+                device: torch.device) -> tuple[torch.Tensor, Features]:
+    """A sequence's tokens and named features in `window`, as a batch of one lane (1, T)."""
+    return (as_batch(sequence.tokens[window], device),
+            {name: as_batch(sequence.features[name][window], device) for name in names})
 
 
 class LaneCache:
@@ -156,17 +165,19 @@ class SlidingWindowDecoder:
         self.cache = LaneCache(self.room, torch.zeros(lanes, dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, bars: torch.Tensor, beats: torch.Tensor) -> torch.Tensor:
-        """Feed every lane tokens (B, T) and return the logits (B, V) for each lane's next one."""
+    def feed(self, tokens: torch.Tensor, features: Features) -> torch.Tensor:
+        """Feed every lane tokens (B, T) with their features (B, T) each and return the logits (B, V) for each lane's
+        next one."""
         keep = slice(-(self.room + 1), None)  # only the last window can ever be attended to
         past = self.cache.window(self.cache.held.clamp(max=self.room), self.room)
-        output = self.model(tokens[:, keep], bars[:, keep], beats[:, keep], past=past)
+        output = self.model(tokens[:, keep], {name: value[:, keep] for name, value in features.items()}, past=past)
         self.cache.append(output.present)
         return output.logits[:, -1]
 
-    def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
-        """Feed a single lane tokens (T,) and return the logits (V,) for the next one."""
-        return self.feed(*(as_batch(a, self.device) for a in (tokens, bars, beats)))[0]
+    def __call__(self, sequence: TokenSequence) -> torch.Tensor:
+        """Feed a single lane a sequence and return the logits (V,) for its next token."""
+        names = list(self.model.config.embeddings)
+        return self.feed(*lane_inputs(sequence, names, slice(None), self.device))[0]
 
     def select(self, lanes: torch.Tensor) -> None:
         self.cache.select(lanes)
@@ -202,12 +213,12 @@ class MemoryDecoder:
         return (held - in_segment).clamp(max=self.memory_length) + in_segment
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, bars: torch.Tensor, beats: torch.Tensor) -> torch.Tensor:
-        """Feed every lane tokens (B, T), which must fit in each lane's current segment; return the logits (B, V)
-        for each lane's next token."""
+    def feed(self, tokens: torch.Tensor, features: Features) -> torch.Tensor:
+        """Feed every lane tokens (B, T) with their features, which must fit in each lane's current segment; return
+        the logits (B, V) for each lane's next token."""
         held = self.cache.held.clone()
         past = self.cache.window(self.spans(held), self.memory_length + self.context - 1)
-        output = self.model(tokens, bars, beats, past=past, knn=self.memory.knn)
+        output = self.model(tokens, features, past=past, knn=self.memory.knn)
         self.cache.append(output.present)
         if self.memory.knn is not None:
             self.remember_leaving(held)
@@ -230,13 +241,12 @@ class MemoryDecoder:
         # copies: the cache's buffers are overwritten in place, and the memory stores what it is given later
         self.memory.knn.write(keys[:, :, window].clone(), values[:, :, window].clone(), leaving)
 
-    def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
-        """Feed a single lane tokens (T,), segment by segment, and return the logits (V,) for the next one."""
-        first = 0
-        while first < len(tokens):
+    def __call__(self, sequence: TokenSequence) -> torch.Tensor:
+        """Feed a single lane a sequence, segment by segment, and return the logits (V,) for its next token."""
+        first, names = 0, list(self.model.config.embeddings)
+        while first < len(sequence):
             room = self.context - int(self.cache.held[0]) % self.context
-            piece = slice(first, first + room)
-            logits = self.feed(*(as_batch(a[piece], self.device) for a in (tokens, bars, beats)))
+            logits = self.feed(*lane_inputs(sequence, names, slice(first, first + room), self.device))
             first += room
         return logits[0]
 
@@ -264,8 +274,17 @@ class Generation:
     prompt_length: int  # tokens of the prompt
     continuation_step: int  # onset of the first generated note, or the prompt's end if that comes first
     grid: BarGrid
-    tempo_qpm: float
+    tempos: tuple[tuple[int, float], ...]  # the prompt's tempo map, which the continuation keeps
     seed: int  # this lane's seed: sampled alone with it, the prompt gives this continuation again
+
+
+@dataclass(frozen=True)
+class NoteEvent:
+    """A note the model has just completed."""
+
+    pitch: int
+    length: int  # steps (1 for a drum hit)
+    instrument: int  # General MIDI program, or 128 for drums
 
 
 @dataclass(frozen=True)
@@ -276,7 +295,7 @@ class TokenEvent:
     token: int
     step: int  # grid step the token is at (after a gap's length: where the next note will start)
     bar: int
-    completes_note: bool  # a duration right after a note: that note is now complete
+    note: NoteEvent | None  # the note this token completes (a note's duration, a drum hit), else None
     count: int  # tokens this lane has generated, this one included
 
 
@@ -310,10 +329,18 @@ def prefill(model: MusicTransformer, prompts: list[Prompt], copies: int) -> tupl
     decoders, logits = [], []
     for prompt in prompts:
         decoder = decoder_class(model)
-        seq = prompt.sequence
-        logits += [decoder(seq.tokens, seq.bars, seq.beats)] * copies
+        logits += [decoder(prompt.sequence)] * copies
         decoders += [decoder] * copies
     return decoder_class.stacked(decoders), torch.stack(logits)  # type: ignore[arg-type]
+
+
+def instrument_choice(tokenizer: Tokenizer, instruments: Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """(V,) bool: the tokens allowed by a choice of instruments (programs, 128 for drums; None: every one)."""
+    if instruments is None:
+        return torch.ones(tokenizer.vocab.size, dtype=torch.bool, device=device)
+    if not tokenizer.config.instruments:
+        raise MidigenError("this model's tokenizer keeps no instruments (a single stream): --instruments cannot apply")
+    return torch.as_tensor(tokenizer.instrument_tokens(instruments), device=device)
 
 
 @torch.inference_mode()
@@ -327,6 +354,7 @@ def generate_batch(
     seconds: float | None = None,
     until_end: bool = False,
     num_samples: int = 1,
+    instruments: Sequence[int] | None = None,
     on_token: OnToken | None = None,
 ) -> list[Generation]:
     """Continue each prompt `num_samples` times, every continuation a lane of one batch.
@@ -335,8 +363,9 @@ def generate_batch(
     would get alone with that seed (its logits differ from those of a batch of one by float rounding at most). A
     lane stops at the first of: `new_tokens` tokens, the end of `bars` bars after its prompt, `seconds` seconds of
     music at its prompt's tempo, `<eos>` when `until_end` lets the model end the song, or `on_token` returning True
-    for one of its tokens (True for every lane's stops the whole batch). `on_token` sees every sampled token as a
-    `TokenEvent`, in step order; the token it stops at is kept. A stopped lane leaves the batch; what it generated
+    for one of its tokens (True for every lane's stops the whole batch). `instruments` (programs, 128 for drums)
+    restricts what the continuation may play, by a mask inside the grammar. `on_token` sees every sampled token as
+    a `TokenEvent`, in step order; the token it stops at is kept. A stopped lane leaves the batch; what it generated
     until then decodes.
     """
     check_length(bars, new_tokens, seconds)
@@ -345,64 +374,73 @@ def generate_batch(
     if not prompts:
         raise MidigenError("no prompt to continue")
     lanes = [prompt for prompt in prompts for _ in range(num_samples)]
-    config = trained.tokenizer
-    vocab = config.vocab
+    tokenizer = load_tokenizer(trained.tokenizer)
+    config = tokenizer.config
     device = next(trained.model.parameters()).device
+    chosen = instrument_choice(tokenizer, instruments, device)
     seed = sampling.seed if sampling.seed is not None else int(torch.seed() % 2**62)
     generators = [torch.Generator().manual_seed(seed + lane) for lane in range(len(lanes))]
-    tables = GrammarTables(config, device)
-    grammar_states = []
-    for prompt in lanes:
-        grammar = Grammar(config)
-        for token in prompt.sequence.tokens.tolist():
-            grammar.feed(token)
-        grammar_states.append(tables.state_of(grammar))
-    state, lowest = torch.tensor(grammar_states, device=device).unbind(1)  # (B,) each
+    grammar = tokenizer.grammar.on(device)
+    phase, lowest, instrument = torch.tensor([tokenizer.grammar.state_after(prompt.sequence.tokens) for prompt in lanes],
+                                             device=device).unbind(1)  # (B,) each
     decoder, logits = prefill(trained.model, list(prompts), num_samples)
+    values = tokenizer.vocab.values()  # pitch of a note or hit, steps of a duration
+    sounding, hits = tokenizer.sounding(), tokenizer.vocab.family_of("hit")
+    names = list(trained.model.config.embeddings)
 
     rows = np.arange(len(lanes))  # the lane of each row of the batch
-    last = np.array([prompt.sequence.tokens[-1] for prompt in lanes])
+    pending = np.full(len(lanes), -1)  # each lane's note awaiting its duration, else −1
     step = np.array([prompt.sequence.steps[-1] for prompt in lanes])
     ends = np.array([end_step(prompt, bars, seconds, config.steps_per_quarter) for prompt in lanes])
     grids = list({id(prompt.grid): prompt.grid for prompt in lanes}.values())  # distinct grids (most share one)
     grid_of = np.array([next(g for g, grid in enumerate(grids) if grid is prompt.grid) for prompt in lanes])
-    record: list[tuple[np.ndarray, ...]] = []  # per step: rows' lanes, tokens, steps, bars, beats
+    record: list[dict[str, np.ndarray]] = []  # per step: rows' lanes, tokens, steps and features
     count = 0
     while True:
-        sampled = sample_tokens(logits, tables.allowed(state, lowest, until_end), sampling, generators)  # (B,)
+        allowed = grammar.allowed(phase, lowest, instrument, until_end) & chosen
+        sampled = sample_tokens(logits, allowed, sampling, generators)  # (B,)
+        phase, lowest, instrument, advance, instrument_feature = grammar.feed(phase, lowest, instrument, sampled)
         tokens = sampled.cpu().numpy()
-        gap = (last == Vocab.SEP) & (tokens >= vocab.duration_offset)
-        step = step + np.where(gap, tokens - vocab.duration_offset + 1, 0)
+        step = step + advance.cpu().numpy()
         bar, beat = locate(grids, grid_of, step)
         count += 1
-        record.append((rows, tokens, step, bar, beat))
+        features = {"bars": bar, "beats": beat, "instruments": instrument_feature.cpu().numpy()}
+        record.append({"lane": rows, "tokens": tokens, "steps": step}
+                      | {name: features[name] for name in tokenizer.feature_sizes})
         done = (step >= ends) | (tokens == Vocab.EOS) | (new_tokens is not None and count >= new_tokens)
         if on_token is not None:
-            completes = is_note(last, vocab) & (tokens >= vocab.duration_offset)
+            completes = grammar.completes[phase].cpu().numpy()
+            feature_now = features["instruments"]
             for row, lane in enumerate(rows.tolist()):
-                if on_token(TokenEvent(lane, int(tokens[row]), int(step[row]), int(bar[row]), bool(completes[row]), count)):
+                note = None
+                if completes[row]:
+                    pitch_token = int(tokens[row]) if hits[tokens[row]] else int(pending[row])
+                    note = NoteEvent(int(values[pitch_token]), 1 if hits[tokens[row]] else int(values[tokens[row]]),
+                                     int(feature_now[row]) - 1 if config.instruments else 0)
+                if on_token(TokenEvent(lane, int(tokens[row]), int(step[row]), int(bar[row]), note, count)):
                     done[row] = True
+        pending = np.where(sounding[tokens] & ~hits[tokens], tokens, pending)
         if done.all():
             break
-        state, lowest = tables.advance(state, lowest, sampled)
-        inputs = (sampled, torch.as_tensor(bar, device=device), torch.as_tensor(beat, device=device))
+        inputs = (sampled, {name: torch.as_tensor(features[name], device=device) for name in names})
         if done.any():
             going = np.flatnonzero(~done)
             index = torch.as_tensor(going, device=device)
             decoder.select(index)
-            state, lowest = state[index], lowest[index]
-            inputs = tuple(a[index] for a in inputs)
-            rows, tokens, step, ends = rows[going], tokens[going], step[going], ends[going]
+            phase, lowest, instrument = phase[index], lowest[index], instrument[index]
+            inputs = (sampled[index], {name: value[index] for name, value in inputs[1].items()})
+            rows, step, ends, pending = rows[going], step[going], ends[going], pending[going]
             grid_of = grid_of[going]
             generators = [generators[row] for row in going]
-        last = tokens
-        logits = decoder.feed(*(a.view(-1, 1) for a in inputs))
+        logits = decoder.feed(inputs[0].view(-1, 1), {name: value.view(-1, 1) for name, value in inputs[1].items()})
 
-    lane_of, *generated = (np.concatenate(column) for column in zip(*record))
+    columns = {name: np.concatenate([entry[name] for entry in record]) for name in record[0]}
+    lane_of = columns.pop("lane")
     order = np.argsort(lane_of, kind="stable")  # each lane's tokens, in step order
     split = np.cumsum(np.bincount(lane_of, minlength=len(lanes)))[:-1]
-    per_lane = zip(*(np.split(column[order], split) for column in generated))
-    return [continuation(prompt, *columns, seed + lane, vocab) for lane, (prompt, columns) in enumerate(zip(lanes, per_lane))]
+    per_lane = {name: np.split(column[order], split) for name, column in columns.items()}
+    return [continuation(prompt, {name: parts[lane] for name, parts in per_lane.items()}, seed + lane, tokenizer)
+            for lane, prompt in enumerate(lanes)]
 
 
 def locate(grids: list[BarGrid], grid_of: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -414,13 +452,14 @@ def locate(grids: list[BarGrid], grid_of: np.ndarray, steps: np.ndarray) -> tupl
     return bars, beats
 
 
-def continuation(prompt: Prompt, tokens: np.ndarray, steps: np.ndarray, bars: np.ndarray, beats: np.ndarray,
-                 seed: int, vocab: Vocab) -> Generation:
-    seq = prompt.sequence
-    sequence = TokenSequence(*(np.concatenate([a, b]).astype(np.int64) for a, b in
-                               zip((seq.tokens, seq.steps, seq.bars, seq.beats), (tokens, steps, bars, beats))), prompt.grid)
-    return Generation(sequence, len(seq), continuation_start(sequence, len(seq), prompt, vocab), prompt.grid,
-                      prompt.tempo_qpm, seed)
+def continuation(prompt: Prompt, generated: dict[str, np.ndarray], seed: int, tokenizer: Tokenizer) -> Generation:
+    """The prompt followed by what a lane generated (its tokens, steps and features by name)."""
+    joined = {name: np.concatenate([array, generated[name]]).astype(np.int64)
+              for name, array in prompt.sequence.arrays().items()}
+    sequence = TokenSequence.unpacked(joined, prompt.grid)
+    prompt_length = len(prompt.sequence)
+    return Generation(sequence, prompt_length, continuation_start(sequence, prompt_length, prompt, tokenizer),
+                      prompt.grid, prompt.tempos, seed)
 
 
 def generate(
@@ -431,31 +470,32 @@ def generate(
     new_tokens: int | None = None,
     seconds: float | None = None,
     until_end: bool = False,
+    instruments: Sequence[int] | None = None,
     on_token: OnToken | None = None,
 ) -> Generation:
     """Continue `prompt` once (see `generate_batch`)."""
     return generate_batch(trained, [prompt], sampling, bars=bars, new_tokens=new_tokens, seconds=seconds,
-                          until_end=until_end, on_token=on_token)[0]
+                          until_end=until_end, instruments=instruments, on_token=on_token)[0]
 
 
-def continuation_start(sequence: TokenSequence, prompt_length: int, prompt: Prompt, vocab: Vocab) -> int:
+def continuation_start(sequence: TokenSequence, prompt_length: int, prompt: Prompt, tokenizer: Tokenizer) -> int:
     """The prompt's end, or earlier if the model's first note joins the prompt's last bar."""
     new = sequence.tokens[prompt_length:]
-    notes = np.flatnonzero(is_note(new, vocab))
+    notes = np.flatnonzero(tokenizer.sounding()[new])
     first_note_step = int(sequence.steps[prompt_length + notes[0]]) if notes.size else prompt.end_step
     return min(prompt.end_step, first_note_step)
 
 
-def generation_score(generation: Generation, tokenizer: SeedTokenizer) -> symusic.Score:
+def generation_score(generation: Generation, tokenizer: Tokenizer) -> symusic.Score:
     """The prompt and its continuation as MIDI, with a marker where the continuation starts."""
-    score = tokenizer.decode(generation.sequence.tokens, generation.tempo_qpm, generation.grid)
+    score = tokenizer.decode(generation.sequence.tokens, generation.tempos, generation.grid)
     if generation.prompt_length > 1:
         ticks_per_step = score.ticks_per_quarter // tokenizer.config.steps_per_quarter
         score.markers.append(symusic.TextMeta(generation.continuation_step * ticks_per_step, CONTINUATION_MARKER))
     return score
 
 
-def write_generation(generation: Generation, tokenizer: SeedTokenizer, path: str | Path) -> symusic.Score:
+def write_generation(generation: Generation, tokenizer: Tokenizer, path: str | Path) -> symusic.Score:
     score = generation_score(generation, tokenizer)
     if score.note_num() == 0:
         raise MidigenError("the generation holds no notes")

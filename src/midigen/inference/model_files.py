@@ -34,7 +34,10 @@ WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 MODEL_CARD_FILE = "README.md"
 LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # pickled run folders of midigen before format 1
-FILE_FORMAT = 1
+FILE_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: midigen 0.2, before tokenizer kinds and named features (read as what they were)
+# weights of format 1 under their names since
+FORMAT_1_WEIGHT_NAMES = {"bar_emb.weight": "feature_emb.bars.weight", "beat_emb.weight": "feature_emb.beats.weight"}
 RUN_KIND, MODEL_KIND = "midigen-run", "midigen-model"
 WEIGHT_PREFIX = "model."  # the weights' names inside a run's checkpoint
 RUN_SECTIONS = {"format", "kind", "midigen_version", "model", "tokenizer", "train", "store"}
@@ -84,8 +87,9 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise MidigenError(f"{path}: not readable JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or data.get("kind") not in (RUN_KIND, MODEL_KIND):
         raise MidigenError(f"{path}: not a midigen run or model config")
-    if data.get("format") != FILE_FORMAT:
-        raise MidigenError(f"{path}: format {data.get('format')!r} is not one this midigen reads ({FILE_FORMAT})")
+    if data.get("format") not in READABLE_FORMATS:
+        raise MidigenError(f"{path}: format {data.get('format')!r} is not one this midigen reads "
+                           f"({', '.join(map(str, READABLE_FORMATS))})")
     expected = RUN_SECTIONS if data["kind"] == RUN_KIND else MODEL_SECTIONS
     if set(data) != expected:
         unknown, missing = sorted(set(data) - expected), sorted(expected - set(data))
@@ -93,8 +97,8 @@ def read_config(folder: Path) -> dict[str, Any]:
             part for part in (f"unknown field(s) {', '.join(unknown)}" if unknown else "",
                               f"missing field(s) {', '.join(missing)}" if missing else "") if part))
     try:
-        data["model"] = ModelConfig.from_dict(data["model"], complete=True)
-        data["tokenizer"] = TokenizerConfig.from_dict(data["tokenizer"], complete=True)
+        data["model"] = ModelConfig.from_saved(data["model"])
+        data["tokenizer"] = TokenizerConfig.from_saved(data["tokenizer"])
     except MidigenError as exc:
         raise MidigenError(f"{path}: {exc}") from None
     if data["model"].vocab_size != data["tokenizer"].vocab.size:
@@ -121,7 +125,12 @@ def run_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(schedule, dict) or not isinstance(schedule.get("step"), int):
         raise MidigenError(f"{path}: not a midigen checkpoint (no schedule)")
     weights = {name[len(WEIGHT_PREFIX):]: t for name, t in named.items() if name.startswith(WEIGHT_PREFIX)}
-    return weights, schedule
+    return current_names(weights), schedule
+
+
+def current_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights under today's names (those of a format-1 file renamed)."""
+    return {FORMAT_1_WEIGHT_NAMES.get(name, name): tensor for name, tensor in weights.items()}
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -135,7 +144,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         provenance = run_provenance(config, schedule)
     else:
         weights_path = folder / WEIGHTS_FILE
-        weights, _ = read_tensors(weights_path)
+        weights = current_names(read_tensors(weights_path)[0])
         provenance = config["provenance"] if isinstance(config["provenance"], dict) else {}
     model = MusicTransformer(model_config)
     load_weights(model, weights, weights_path)

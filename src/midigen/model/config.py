@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from midigen.codec.config import TokenizerConfig
+from midigen.codec.registry import load_tokenizer
 from midigen.config import JsonConfig
 from midigen.errors import MidigenError
 
@@ -15,8 +17,11 @@ MEMORY_MODES = ("none", "xl", "knn")
 class ModelConfig(JsonConfig):
     """A decoder-only music transformer.
 
-    vocab_size, beat_positions: from the tokenizer (`ModelConfig.for_tokenizer`).
-    num_bars: bar embeddings; the bar index is taken modulo this (position in a phrase of that many bars).
+    vocab_size: from the tokenizer.
+    embeddings: the token features embedded and summed with the token embedding, by name, with how many values
+        each takes (a feature's value is taken modulo it): `bars` (the bar index, so its position in a phrase of
+        that many bars), `beats` (position in the bar), `instruments`... as the tokenizer declares them
+        (`ModelConfig.preset` takes them from it).
     context: tokens per segment (training window, and the generation window without memory).
     rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
         buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
@@ -28,8 +33,7 @@ class ModelConfig(JsonConfig):
     """
 
     vocab_size: int = 388
-    beat_positions: int = 64
-    num_bars: int = 32
+    embeddings: dict[str, int] = field(default_factory=lambda: {"bars": 32, "beats": 64})
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -40,7 +44,6 @@ class ModelConfig(JsonConfig):
     rel_pos_buckets: int = 32
     rel_pos_max_distance: int = 512
     tie_embeddings: bool = True
-    use_bar_beat: bool = True
     memory: str = "none"
     xl_length: int = 0
     knn_layer: int = -4
@@ -56,6 +59,9 @@ class ModelConfig(JsonConfig):
             raise MidigenError(f"context must be at least 2, got {self.context}")
         if not -self.n_layers <= self.knn_layer < self.n_layers:
             raise MidigenError(f"knn_layer {self.knn_layer} is outside a {self.n_layers}-layer model")
+        for name, size in self.embeddings.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise MidigenError(f"embedding {name!r} needs a positive size, got {size!r}")
 
     @property
     def head_dim(self) -> int:
@@ -75,12 +81,27 @@ class ModelConfig(JsonConfig):
         return self.knn_layer % self.n_layers
 
     @classmethod
-    def preset(cls, name: str, tokenizer: TokenizerConfig | None = None, **overrides: object) -> ModelConfig:
+    def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config as saved in a run or model folder; one of midigen 0.2 (bar and beat embeddings as the fields
+        `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model."""
+        if isinstance(data, dict) and "embeddings" not in data and {"use_bar_beat", "num_bars", "beat_positions"} <= set(data):
+            data = dict(data)
+            use, bars, beats = data.pop("use_bar_beat"), data.pop("num_bars"), data.pop("beat_positions")
+            data["embeddings"] = {"bars": bars, "beats": beats} if use else {}
+        return cls.from_dict(data, complete=True)
+
+    @classmethod
+    def preset(cls, name: str, tokenizer: TokenizerConfig | None = None, num_bars: int | None = None,
+               **overrides: Any) -> ModelConfig:
+        """A preset size for `tokenizer`'s vocabulary and features (bars embedded modulo the preset's `num_bars`)."""
         if name not in PRESETS:
             raise MidigenError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        tokenizer = tokenizer or TokenizerConfig()
-        base = cls(vocab_size=tokenizer.vocab.size, beat_positions=tokenizer.beat_positions)
-        return replace(base, **(PRESETS[name] | overrides))  # type: ignore[arg-type]
+        settings = dict(PRESETS[name])
+        bars = num_bars or int(settings.pop("num_bars", 32))  # type: ignore[call-overload]
+        codec = load_tokenizer(tokenizer or TokenizerConfig())
+        embeddings = {feature: size or bars for feature, size in codec.feature_sizes.items()}
+        base = cls(vocab_size=codec.vocab.size, embeddings=embeddings)
+        return replace(base, **(settings | overrides))
 
 
 PRESETS: dict[str, dict[str, object]] = {

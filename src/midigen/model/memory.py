@@ -19,6 +19,8 @@ kNN layer reads them there, which is why writes wait until the store is next rea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import functools
 import logging
 import sys
@@ -343,9 +345,8 @@ class MemoryState:
     def forward(
         self,
         model: torch.nn.Module,
-        tokens: Tensor,
-        bars: Tensor,
-        beats: Tensor,
+        tokens: Tensor,  # (B, T)
+        features: Mapping[str, Tensor],  # name → (B, T)
         targets: Tensor | None = None,
         new_song: Tensor | None = None,
     ) -> ModelOutput:
@@ -353,7 +354,7 @@ class MemoryState:
         if new_song is not None:
             self.reset(new_song)
         past = self.xl.past() if self.xl is not None else None
-        output = model(tokens, bars, beats, targets=targets, past=past, knn=self.knn)
+        output = model(tokens, features, targets=targets, past=past, knn=self.knn)
         self.remember(output.present, tokens != 0)
         return output
 

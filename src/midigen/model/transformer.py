@@ -1,6 +1,7 @@
 """The music transformer: a decoder-only, pre-norm transformer with relative-position attention.
 
-Inputs are token + bar + position-in-bar embeddings; there is no absolute position embedding, so
+Inputs are the token embedding plus one embedding per token feature the config declares (bar, position in the
+bar, instrument...); there is no absolute position embedding, so
 a window can slide or be extended by memory without re-encoding anything. Every layer adds a learned
 T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores,
 initialised as ALiBi's per-head linear penalties so that attention starts local, with a different
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -315,8 +317,8 @@ class MusicTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.bar_emb = nn.Embedding(config.num_bars, config.d_model)
-        self.beat_emb = nn.Embedding(config.beat_positions, config.d_model)
+        # one table per declared feature, summed with the token embedding (x-transformers' `embed_num_tokens`)
+        self.feature_emb = nn.ModuleDict({name: nn.Embedding(size, config.d_model) for name, size in config.embeddings.items()})
         self.drop = nn.Dropout(config.dropout)
         knn_layer = config.knn_layer_index
         self.blocks = nn.ModuleList([Block(config, with_knn=i == knn_layer) for i in range(config.n_layers)])
@@ -355,16 +357,15 @@ class MusicTransformer(nn.Module):
     def forward(
         self,
         tokens: Tensor,  # (B, T)
-        bars: Tensor | None = None,  # (B, T)
-        beats: Tensor | None = None,  # (B, T)
+        features: Mapping[str, Tensor],  # name → (B, T), every feature of `config.embeddings`
         targets: Tensor | None = None,  # (B, T); padding (id 0) is not scored
         past: list[KV] | None = None,
         knn: Retriever | None = None,
     ) -> ModelOutput:
         B, T = tokens.shape
         x = self.tok_emb(tokens)
-        if self.config.use_bar_beat and bars is not None and beats is not None:
-            x = x + self.bar_emb(bars % self.config.num_bars) + self.beat_emb(beats.clamp(max=self.config.beat_positions - 1))
+        for name, table in self.feature_emb.items():
+            x = x + table(features[name] % table.num_embeddings)
         x = self.drop(x)  # (B, T, C)
         buckets, allowed = self.attention_layout(T, past[0] if past else None, tokens.device)
         present = []

@@ -19,7 +19,9 @@ import numpy as np
 import symusic
 
 from midigen.codec.sandbox import encode_isolated
-from midigen.codec.tokenizer import SeedTokenizer
+from midigen.codec.instruments import parse_instruments
+from midigen.codec.midi_io import DRUM_INSTRUMENT
+from midigen.codec.registry import load_tokenizer
 from midigen.errors import BadMidiError, MidigenError
 from midigen.inference.generate import Prompt, TokenEvent, generate, generation_score, load_prompt
 from midigen.inference.model_files import LoadedModel
@@ -46,7 +48,7 @@ class GenerationRequest:
     prompt_bars: int = 4
     bars: int = 8
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
-    program: int = 0  # General MIDI program of the written result
+    instruments: tuple[int, ...] = ()  # General MIDI programs (128: drums) to play; () lets the model choose
     take: str | None = None  # continue this take instead of an upload
 
     @classmethod
@@ -65,7 +67,7 @@ class GenerationRequest:
             raise MidigenError(str(exc).replace("top-p", "top_p")) from None
         return cls(model=fields["model"], prompt_bars=_integer(fields, "prompt_bars", 4, 1, MAX_BARS),
                    bars=_integer(fields, "bars", 8, 1, MAX_BARS), sampling=sampling,
-                   program=_program(fields.get("instruments")), take=take)
+                   instruments=_instruments(fields.get("instruments")), take=take)
 
 
 def check_field_names(names: list[str], text_fields: Sequence[str], file_field: str) -> None:
@@ -105,22 +107,14 @@ def _number(fields: Mapping[str, str], name: str, default: float, low: float, hi
     return value
 
 
-def _program(text: str | None) -> int:
-    """`instruments`: the General MIDI program (0-127) the result is written with. Today's models write one
-    stream of notes, so one instrument."""
+def _instruments(text: str | None) -> tuple[int, ...]:
+    """`instruments`: General MIDI programs and `drums`, comma-separated (e.g. "0,33,drums" or "piano,bass")."""
     if not text:
-        return 0
-    programs = [part.strip() for part in text.split(",")]
-    if len(programs) != 1:
-        raise MidigenError(f"instruments: this model writes one stream of notes; give one General MIDI program, "
-                           f"got {len(programs)}")
+        return ()
     try:
-        program = int(programs[0])
-    except ValueError:
-        raise MidigenError(f"instruments: expected a General MIDI program number (0-127), got {text[:40]!r}") from None
-    if not 0 <= program <= 127:
-        raise MidigenError(f"instruments: General MIDI programs are 0 to 127, got {program}")
-    return program
+        return parse_instruments(text)
+    except MidigenError as exc:
+        raise MidigenError(f"instruments: {exc}") from None
 
 
 def upload_suffix(name: str, data: bytes) -> str:
@@ -148,7 +142,7 @@ def prompt_from_midi(path: Path, shown_name: str, bars: int, loaded: LoadedModel
     """The first `bars` bars of an untrusted MIDI file, parsed first in a worker process."""
     try:
         encode_isolated(path, loaded.tokenizer, timeout_s=PARSE_TIMEOUT_S)
-        return load_prompt(path, bars, SeedTokenizer(loaded.tokenizer))  # now known to parse safely
+        return load_prompt(path, bars, load_tokenizer(loaded.tokenizer))  # now known to parse safely
     except BadMidiError as exc:
         raise BadMidiError(f"prompt {shown_name}", exc.reason) from None
 
@@ -178,16 +172,14 @@ def timeline(prompt: Prompt, bars: int, steps_per_quarter: int) -> dict[str, Any
             "continuation_step": prompt.end_step}
 
 
-def note_streamer(job: Job, deadline: float, note_offset: int, duration_offset: int) -> Callable[[TokenEvent], bool]:
-    """`generate`'s `on_token`: emits each note as its duration is sampled, and stops the generation when the
-    job is cancelled or past its deadline."""
-    last_token = [0]
+def note_streamer(job: Job, deadline: float) -> Callable[[TokenEvent], bool]:
+    """`generate`'s `on_token`: emits each note as it is completed, and stops the generation when the job is
+    cancelled or past its deadline."""
 
     def on_token(event: TokenEvent) -> bool:
-        if event.completes_note:
-            job.emit("note", {"pitch": last_token[0] - note_offset, "step": event.step,
-                              "length": event.token - duration_offset + 1, "bar": event.bar})
-        last_token[0] = event.token
+        if event.note is not None:
+            job.emit("note", {"pitch": event.note.pitch, "step": event.step, "length": event.note.length,
+                              "bar": event.bar, "instrument": event.note.instrument})
         return job.cancelled or time.monotonic() > deadline
 
     return on_token
@@ -197,28 +189,32 @@ def run_generation(job: Job, loaded: LoadedModel, model_name: str, prompt: Promp
                    takes: Takes) -> dict[str, Any]:
     """Continue `prompt`, streaming notes as `job` events; keep the result as take `job.id` and return what the
     page is told of it."""
-    tokenizer = SeedTokenizer(loaded.tokenizer)
+    tokenizer = load_tokenizer(loaded.tokenizer)
     config = loaded.tokenizer
+    if not config.instruments and (len(request.instruments) > 1 or DRUM_INSTRUMENT in request.instruments):
+        raise MidigenError("instruments: this model writes one stream of notes; give one General MIDI program")
     layout = timeline(prompt, request.bars, config.steps_per_quarter)
-    prompt_score = tokenizer.decode(prompt.sequence, prompt.tempo_qpm, prompt.grid)
+    prompt_score = tokenizer.decode(prompt.sequence, prompt.tempos, prompt.grid)
     prompt_notes = [{**note, "prompt": True} for note in notes_of(prompt_score, config.steps_per_quarter)]
     job.emit("start", {"id": job.id, **layout, "prompt_notes": prompt_notes})
-    on_token = note_streamer(job, time.monotonic() + MAX_RUN_SECONDS, config.vocab.note_offset,
-                             config.vocab.duration_offset)
-    generation = generate(loaded, prompt, request.sampling, bars=request.bars, on_token=on_token)
+    on_token = note_streamer(job, time.monotonic() + MAX_RUN_SECONDS)
+    generation = generate(loaded, prompt, request.sampling, bars=request.bars, on_token=on_token,
+                          instruments=(request.instruments or None) if config.instruments else None)
     if job.cancelled:
         raise Cancelled
     score = generation_score(generation, tokenizer)
     if score.note_num() == 0:
         raise MidigenError("the generation holds no notes: try another seed or a higher temperature")
-    for track in score.tracks:
-        track.program = request.program
+    program = request.instruments[0] if request.instruments else 0
+    if not config.instruments:  # the single stream is written as a piano: play it with the chosen program
+        for track in score.tracks:
+            track.program = program
     continuation = generation.continuation_step if generation.prompt_length > 1 else 0
     info = {"id": job.id, "kind": "generation", "model": model_name, "title": f"{model_name} take {job.id[:8]}",
             **layout, "continuation_step": continuation,
             "notes": notes_of(score, config.steps_per_quarter, prompt_notes),
             "new_tokens": len(generation.sequence) - generation.prompt_length, "seed": generation.seed,
-            "program": request.program, **urls(job.id)}
+            "program": program, **urls(job.id)}
     takes.save(job.id, score, info)
     return info
 

@@ -15,7 +15,7 @@ from typing import Any
 from midigen import __version__
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.midi_io import load_score
-from midigen.codec.tokenizer import SeedTokenizer
+from midigen.codec.registry import load_tokenizer
 from midigen.errors import MidigenError
 from midigen.evaluation.render import find_fluidsynth, find_soundfont
 from midigen.inference.generate import Prompt, empty_prompt
@@ -73,7 +73,7 @@ class Studio:
             return loaded, prompt_from_midi(self.takes.midi(request.take), f"take {request.take[:8]}",
                                             request.prompt_bars, loaded)
         if upload is None:
-            return loaded, empty_prompt(SeedTokenizer(loaded.tokenizer))
+            return loaded, empty_prompt(load_tokenizer(loaded.tokenizer))
         suffix = upload_suffix(upload.shown_name, upload.data)
         with tempfile.TemporaryDirectory(dir=self._scratch) as scratch:
             path = Path(scratch) / f"prompt{suffix}"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from midigen.codec.config import TokenizerConfig
-from midigen.codec.tokenizer import SeedTokenizer
-from midigen.data.batching import RandomChunks, SongLanes, TokenArrays
+from midigen.codec.config import TokenizerConfig, describe_difference
+from midigen.codec.registry import load_tokenizer
+from midigen.data.batching import RandomChunks, SongLanes, TokenArrays, model_inputs
 from midigen.data.store import TokenStore, open_finished_store
 from midigen.errors import BadMidiError, MidigenError
 from midigen.evaluation.nll import score_songs
@@ -54,10 +54,9 @@ class SegmentLoss:
         self.memory = memory
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        tokens = batch["tokens"]
-        output = self.memory.forward(model, tokens[:, :-1], batch["bars"][:, :-1], batch["beats"][:, :-1],
-                                     targets=tokens[:, 1:], new_song=batch["new_song"])
-        return output.loss, int((tokens[:, 1:] != 0).sum())
+        tokens, features, targets = model_inputs(batch, self.memory.config.embeddings)
+        output = self.memory.forward(model, tokens, features, targets=targets, new_song=batch["new_song"])
+        return output.loss, int((targets != 0).sum())
 
 
 def validation_songs(store: TokenStore, songs: list[int], max_tokens: int) -> list[int]:
@@ -108,7 +107,7 @@ def generation_picture(tokenizer_config: TokenizerConfig, model_config: ModelCon
     from midigen.inference.generate import empty_prompt, generate, generation_score
     from midigen.inference.sampling import SamplingConfig
 
-    tokenizer = SeedTokenizer(tokenizer_config)
+    tokenizer = load_tokenizer(tokenizer_config)
 
     def illustrate(model: nn.Module, step: int) -> dict[str, np.ndarray]:
         trained = LoadedModel(model, tokenizer_config, model_config, run_dir, step)  # type: ignore[arg-type]
@@ -152,7 +151,8 @@ def train(
         if saved["kind"] != RUN_KIND:
             raise MidigenError(f"{run_dir}: a model folder, not a run folder: there is no training state to resume")
         if saved["tokenizer"] != store.config:
-            raise MidigenError(f"{store.root}: store was encoded with another tokenizer than the run's")
+            raise MidigenError(f"{store.root}: store was encoded with another tokenizer than the run's "
+                               f"({describe_difference(saved['tokenizer'], store.config)})")
         try:
             saved_train = TrainConfig.from_dict(saved["train"], complete=True)
         except MidigenError as exc:
@@ -163,8 +163,10 @@ def train(
     elif train_config is None:
         raise ValueError("a new run needs a training config")
     model_config = model_config or ModelConfig.preset("small", store.config)
-    if model_config.vocab_size != store.config.vocab.size or model_config.beat_positions != store.config.beat_positions:
-        raise MidigenError(f"{store.root}: the model's vocabulary does not match the store's tokenizer")
+    features = set(store.tokenizer.feature_sizes)
+    if model_config.vocab_size != store.config.vocab.size or not set(model_config.embeddings) <= features:
+        raise MidigenError(f"{store.root}: the model's vocabulary or features ({', '.join(model_config.embeddings)}) "
+                           f"do not match the store's tokenizer ({', '.join(sorted(features))})")
     dist = setup_distributed(train_config.device)
     torch.manual_seed(train_config.seed)
     model = MusicTransformer(model_config)

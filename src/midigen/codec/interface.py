@@ -1,0 +1,76 @@
+"""The `Tokenizer` protocol: everything the rest of midigen may ask of an encoding.
+
+Callers never compute token ids: they ask the tokenizer for its vocabulary's families (`vocab.ids_of("note")`), the
+padding id, the grammar that generation enforces, which tokens move under transposition, and the named features
+each token carries. A tokenizer is built from its config by `midigen.codec.registry.load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import symusic
+
+from midigen.codec.config import TokenizerConfig, Vocab
+from midigen.codec.grammar import GrammarTables
+from midigen.codec.midi_io import NoteTable
+from midigen.codec.timing import BarGrid
+from midigen.codec.tokenizer import EncodedFile, TokenSequence
+
+
+
+class Tokenizer(Protocol):
+    config: TokenizerConfig
+    vocab: Vocab
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def array_dtypes(self) -> dict[str, type[np.generic]]:
+        """The arrays a token store keeps per token (`tokens`, `steps`, then the features), and their types."""
+        ...
+
+    @property
+    def feature_sizes(self) -> dict[str, int | None]:
+        """The features each token carries and how many values each takes (None: unbounded, e.g. bar numbers)."""
+        ...
+
+    @property
+    def grammar(self) -> GrammarTables: ...
+
+    def encode(self, source: str | Path | bytes | symusic.Score | NoteTable) -> TokenSequence: ...
+
+    def encode_files(self, tables: Sequence[NoteTable]) -> list[EncodedFile]:
+        """Encode several files together (cheaper per file than one at a time); raises `BadMidiError` naming the
+        first file that cannot be encoded."""
+        ...
+
+    def with_positions(self, tokens: np.ndarray, grid: BarGrid) -> TokenSequence:
+        """A grammatical sequence starting with `<sos>`, with the steps and features its tokens imply in `grid`."""
+        ...
+
+    def decode(self, sequence: TokenSequence | np.ndarray, tempos: Sequence[tuple[int, float]] = (),
+               grid: BarGrid | None = None) -> symusic.Score:
+        """Tokens → MIDI; `tempos` are (step, quarter notes per minute), the config's tempo if empty."""
+        ...
+
+    def sounding(self) -> np.ndarray:
+        """(V,) bool: the tokens that start a sounding note (notes and drum hits)."""
+        ...
+
+    def transposable_pitches(self) -> np.ndarray:
+        """(V,) the pitch of each token that moves under transposition (id + shift is the same token family at
+        pitch + shift), −1 for every other token."""
+        ...
+
+    def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
+        """(V,) bool: the tokens a generation restricted to `instruments` (programs, 128 for drums) may use."""
+        ...
+
+    def token_types(self) -> dict[str, np.ndarray]:
+        """Named disjoint (V,) bool masks of the token types losses are reported by (`<sos>`/`<eos>` in none)."""
+        ...
