@@ -15,6 +15,10 @@ load hits them alike. On the small set midigen's run lasts about a tenth of a se
 starting and stopping workers; the large set shows the throughput on a real collection.
 Peak memory: `encode_files` in a fresh process on N and on 10·N files, the encoding process and its
 largest worker measured apart.
+Instruments: on multi-track files (the band, orchestra and drum files and the prompts of the test data, the
+expressive piano pieces of ../shared/midi/piano where present, and Beethoven's string quartets), each in ten
+transpositions of its pitched tracks, midigen with instruments, drums and velocities (the default encoding) against
+MidiTok's REMI with programs, and the tokens per note of each encoding.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ THROUGHPUT_GOALS = {"MidiTok REMI": 10.0, "music21": 300.0}
 RSS_GROWTH_GOAL = 1.5
 
 TRANSPOSED = CACHE / "transposed"
+MULTITRACK = CACHE / "multitrack"
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_PIANO = PROJECT.parent / "shared" / "midi" / "piano"
 
 
 # ---- the files ----------------------------------------------------------------------------------
@@ -64,6 +71,84 @@ def transposed_folders(chorales: Sequence[Path]) -> list[Path]:
                 symusic.Score(str(path)).shift_pitch(shift).dump_midi(str(folder / path.name))
         complete.write_text(str(len(chorales)))
     return folders
+
+
+def multitrack_files() -> tuple[list[Path], dict[str, list[Path]]]:
+    """The multi-track set in ten transpositions of its pitched tracks (written once into .bench/), and the
+    untransposed files by source."""
+    sources = {
+        "band, orchestra and drums (test data)": sorted((PROJECT / "tests" / "data" / "multitrack").glob("*.mid")),
+        "pop and classical prompts (test data)": sorted((PROJECT / "tests" / "data" / "prompts").glob("*.mid")),
+        "Beethoven string quartets (music21)": corpus_files("beethoven-quartets"),
+    }
+    if SHARED_PIANO.is_dir():
+        sources["expressive piano (../shared/midi/piano)"] = sorted(SHARED_PIANO.glob("*.mid"))
+    originals = [path for paths in sources.values() for path in paths]
+    complete = MULTITRACK / ".complete"
+    if not complete.exists() or complete.read_text() != str(len(originals)):
+        print(f"writing {len(TRANSPOSITIONS)} transpositions of {len(originals)} multi-track files to {MULTITRACK} "
+              "(once)...", file=sys.stderr)
+        shutil.rmtree(MULTITRACK, ignore_errors=True)
+        for shift in TRANSPOSITIONS:
+            folder = MULTITRACK / f"{shift:+d}"
+            folder.mkdir(parents=True)
+            for number, path in enumerate(originals):
+                score = symusic.Score(str(path))
+                for track in score.tracks:
+                    if not track.is_drum:
+                        track.shift_pitch(shift, inplace=True)
+                score.dump_midi(str(folder / f"{number:03d}-{path.name}"))
+        complete.write_text(str(len(originals)))
+    return sorted(MULTITRACK.rglob("*.mid")), sources
+
+
+def tokens_per_note(sources: dict[str, list[Path]]) -> dict[str, dict[str, float]]:
+    """Tokens per note read, by source and encoding (midigen's three, and MidiTok REMI with programs)."""
+    from miditok import REMI, TokenizerConfig as MidiTokConfig
+
+    from midigen.codec import TokenizerConfig, load_tokenizer, read_notes
+
+    warnings.filterwarnings("ignore")
+    encodings = {
+        "single stream": TokenizerConfig(instruments=False, keep_drums=False, velocity_bins=0),
+        "instruments and drums": TokenizerConfig(velocity_bins=0),
+        "instruments, drums, 8 velocities (default)": TokenizerConfig(),
+    }
+    remi = REMI(MidiTokConfig(use_programs=True))
+    table: dict[str, dict[str, float]] = {}
+    for label, paths in sources.items():
+        tables = [read_notes(path) for path in paths]
+        notes = sum(len(t) for t in tables)
+        row = {name: sum(len(e.sequence) for e in load_tokenizer(config).encode_files(tables)) / notes
+               for name, config in encodings.items()}
+        row["MidiTok REMI, programs"] = sum(len(remi.encode(path).ids) for path in paths) / notes
+        table[label] = row
+    return table
+
+
+def multitrack_report(rate: dict[str, float], files: int, megabytes: float, per_note: dict[str, dict[str, float]],
+                      rounds: int) -> str:
+    remi_goal = THROUGHPUT_GOALS["MidiTok REMI"]
+    over = rate["midigen"] / rate["MidiTok REMI"]
+    columns = list(next(iter(per_note.values())))
+    lines = [
+        f"{files} multi-track files ({megabytes:.1f} MB: each file below in ten transpositions of its pitched tracks), "
+        f"{WORKERS} workers for both tools, median of {rounds} interleaved rounds. midigen encodes with instruments, "
+        "drums and 8 velocity levels (the default); MidiTok's REMI with `use_programs=True` (one token stream).",
+        "",
+        "| files | midigen | MidiTok REMI (programs) | midigen / REMI |",
+        "|---|---:|---:|---:|",
+        f"| {files} multi-track | {rate['midigen']:,.0f} | {rate['MidiTok REMI']:,.0f} | {over:.1f}× "
+        f"(goal ≥ {remi_goal:g}×: {verdict(over, remi_goal)}) |",
+        "",
+        "Tokens per note (notes as read, before the merge of unisons):",
+        "",
+        "| files | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for label, row in per_note.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[column]:.2f}" for column in columns) + " |")
+    return "\n".join(lines)
 
 
 # ---- the three encoders: set up (imports included) untimed, then timed --------------------------
@@ -231,9 +316,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"check that the bench runs (one round of each), writing to "
                              f".bench/{QUICK_BENCHMARKS.name}, not BENCHMARKS.md")
+    parser.add_argument("--only", choices=("chorales", "multitrack"), help="run one of the two sections")
     args = parser.parse_args()
     rounds, long_rounds = (1, 1) if args.quick else (ROUNDS, LONG_ROUNDS)
     chorales = corpus_files("bach-chorales")
+    if args.only != "multitrack":
+        chorales_section(chorales, rounds, long_rounds, args.quick)
+    if args.only != "chorales":
+        multitrack_section(chorales, long_rounds, args.quick)
+
+
+def chorales_section(chorales: list[Path], rounds: int, long_rounds: int, quick: bool) -> None:
     folders = transposed_folders(chorales)
     transposed = sorted(TRANSPOSED.rglob("*.mid"))
     sizes = {name: sum(p.stat().st_size for p in paths) / 1e6 for name, paths in (("N", chorales), ("10N", transposed))}
@@ -244,7 +337,20 @@ def main() -> None:
     rates, music21_rate = files_per_second(file_sets, rounds, long_rounds)
     rss = {len(chorales): peak_rss_mib(folders[0]), len(transposed): peak_rss_mib(TRANSPOSED)}
     write_section("Encoding MIDI files (`midigen encode`)", report(rates, music21_rate, rss, rounds, long_rounds),
-                  quick=args.quick)
+                  quick=quick)
+
+
+def multitrack_section(chorales: list[Path], long_rounds: int, quick: bool) -> None:
+    multitrack, sources = multitrack_files()
+    sources = {"Bach chorales (music21)": chorales, **sources}
+    megabytes = sum(path.stat().st_size for path in multitrack) / 1e6
+    for path in multitrack:
+        path.read_bytes()
+    seconds = median_seconds({"midigen": multitrack, "MidiTok REMI": multitrack}, long_rounds)
+    rate = {tool: len(multitrack) / secs for tool, secs in seconds.items()}
+    write_section("Encoding multi-track MIDI files (instruments, drums, velocities)",
+                  multitrack_report(rate, len(multitrack), megabytes, tokens_per_note(sources), long_rounds),
+                  quick=quick)
 
 
 if __name__ == "__main__":

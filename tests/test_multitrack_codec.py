@@ -389,3 +389,18 @@ def test_many_songs_with_long_durations_in_one_call() -> None:
         [alone] = encode_multitrack([table], config)
         np.testing.assert_array_equal(song.tokens, alone.tokens)
         np.testing.assert_array_equal(song.instruments, alone.instruments)
+
+
+def test_the_piano_roll_colours_a_decoded_orchestra_by_instrument(tmp_path: Path) -> None:
+    from midigen.codec import load_tokenizer
+    from midigen.evaluation.piece import load_piece
+    from midigen.evaluation.render import render_piano_roll
+
+    source = DATA / "multitrack" / "concerto_for_orchestra_1.mid"
+    tokenizer = load_tokenizer(TokenizerConfig())
+    decoded = tokenizer.decode(tokenizer.encode(source))
+    piece = load_piece(decoded)
+    programs = sorted({track.program for track in decoded.tracks if not track.is_drum and track.note_num()})
+    assert piece.part_names == [GM_NAMES[program] for program in programs] and len(programs) > 5
+    assert piece.drum_notes > 0  # its percussion is kept in the file, and left out of the roll
+    assert render_piano_roll(decoded, tmp_path / "roll.png").stat().st_size > 0

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import symusic
 
-from midigen.codec.midi_io import CONTINUATION_MARKER, load_score
+from midigen.codec.instruments import gm_name
+from midigen.codec.midi_io import CONTINUATION_MARKER, extract_notes, load_score
 from midigen.codec.timing import BarGrid, TimeSignatureChange
 from midigen.errors import BadMidiError
 
@@ -28,8 +29,8 @@ class Piece:
     durations: np.ndarray  # (N,) int64 ticks, at least 1 (a note lasts at least one tick)
     pitches: np.ndarray  # (N,) int64 0..127
     velocities: np.ndarray  # (N,) int64 0..127
-    tracks: np.ndarray  # (N,) int64 index into track_names
-    track_names: list[str]
+    parts: np.ndarray  # (N,) int64 index into part_names: each note's instrument, or its track where all share one
+    part_names: list[str]
     bar_starts: np.ndarray  # (B+1,) int64 ticks: the start of each bar, then the end of the last one
     continuation_tick: int | None  # where `midigen generate` marked the continuation's start
     drum_notes: int  # notes of drum tracks, left out
@@ -66,7 +67,7 @@ class Piece:
             durations=self.durations[kept],
             pitches=self.pitches[kept],
             velocities=self.velocities[kept],
-            tracks=self.tracks[kept],
+            parts=self.parts[kept],
             bar_starts=self.bar_starts[first_bar:],
         )
 
@@ -75,26 +76,29 @@ def load_piece(source: str | Path | bytes | symusic.Score) -> Piece:
     """Read a MIDI file (or bytes, or a Score); a `BadMidiError` if it has no notes outside drum tracks."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else "score"
     score = load_score(source)
-    numbered = [(number, track) for number, track in enumerate(score.tracks, 1) if track.note_num() > 0]
-    melodic = [track for _, track in numbered if not track.is_drum]
-    drum_notes = sum(track.note_num() for track in score.tracks if track.is_drum)
-    if not melodic:
-        raise BadMidiError(name, "only drum notes (drums are left out)" if drum_notes else "no notes")
-    columns = [track.notes.numpy() for track in melodic]
-    onsets = np.concatenate([c["time"] for c in columns]).astype(np.int64)
-    pitches = np.concatenate([c["pitch"] for c in columns]).astype(np.int64)
-    order = np.lexsort((pitches, onsets))
-    durations = np.maximum(np.concatenate([c["duration"] for c in columns]).astype(np.int64), 1)
+    table = extract_notes(score, name)  # the one note reader (`midigen.codec.midi_io`)
+    melodic = table.select(~table.drums)
+    drum_notes = len(table) - len(melodic)
+    if len(melodic) == 0:
+        raise BadMidiError(name, "only drum notes (drums are left out)")
+    if len(np.unique(melodic.programs)) > 1:  # instruments: a part per General MIDI program
+        programs, parts = np.unique(melodic.programs, return_inverse=True)
+        part_names = [gm_name(int(program)) for program in programs]
+    else:  # one instrument (voices of a chorale, a piano's hands): a part per track
+        kept_tracks, parts = np.unique(melodic.tracks, return_inverse=True)
+        part_names = [table.track_names[track].strip() or f"track {track + 1}" for track in kept_tracks.tolist()]
+    order = np.lexsort((melodic.pitches, melodic.onsets))
+    durations = np.maximum(melodic.durations, 1)
     return Piece(
         name=name,
-        ticks_per_quarter=int(score.ticks_per_quarter),
-        onsets=onsets[order],
+        ticks_per_quarter=table.ticks_per_quarter,
+        onsets=melodic.onsets[order],
         durations=durations[order],
-        pitches=pitches[order],
-        velocities=np.concatenate([c["velocity"] for c in columns]).astype(np.int64)[order],
-        tracks=np.repeat(np.arange(len(melodic)), [len(c["time"]) for c in columns])[order],
-        track_names=[track.name.strip() or f"track {number}" for number, track in numbered if not track.is_drum],
-        bar_starts=bar_starts_until(score, int((onsets + durations).max())),
+        pitches=melodic.pitches[order],
+        velocities=melodic.velocities[order],
+        parts=parts[order],
+        part_names=part_names,
+        bar_starts=bar_starts_until(score, int((melodic.onsets + durations).max())),
         continuation_tick=continuation_tick(score),
         drum_notes=drum_notes,
     )

@@ -65,10 +65,10 @@ def render_piano_roll(
 ) -> Path:
     """Draw the piece's non-drum notes as a piano roll PNG of `width_px` × `height_px` pixels.
 
-    x: time, with a line at each bar and bar numbers; y: pitch, labelled with note names; colour:
-    velocity for one track, the track for several. In files written by `midigen generate` the
-    prompt is shaded and faded and a line marks where the continuation starts. The width defaults
-    to `piano_roll_width_px(bars)`.
+    x: time, with a line at each bar and bar numbers; y: pitch, labelled with note names; colour: velocity for
+    one part, else the part: the instrument (General MIDI program), or the track where all play one instrument.
+    In files written by `midigen generate` the prompt is shaded and faded and a line marks where the continuation
+    starts. The width defaults to `piano_roll_width_px(bars)`.
     """
     piece = load_piece(source)
     width_px = width_px or piano_roll_width_px(piece.num_bars)
@@ -131,16 +131,16 @@ def draw_notes(figure: Figure, axes: Axes, piece: Piece, width_px: int) -> None:
 
 
 def note_colours(figure: Figure, axes: Axes, piece: Piece) -> np.ndarray:
-    """(N, 4) RGBA: by velocity (with a colour bar) for one track, by track (with a legend) for several."""
-    if len(piece.track_names) == 1:
+    """(N, 4) RGBA: by velocity (with a colour bar) for one part, by part (with a legend) for several."""
+    if len(piece.part_names) == 1:
         cmap, norm = colormaps["viridis"], Normalize(0, 127)
         colourbar = figure.colorbar(ScalarMappable(norm, cmap), ax=axes, pad=0.005, fraction=0.02)
         colourbar.set_label("velocity", fontsize=8)
         return cmap(norm(piece.velocities))
     palette = colormaps["tab10"]
-    handles = [Patch(color=palette(i % 10), label=name) for i, name in enumerate(piece.track_names)]
+    handles = [Patch(color=palette(i % 10), label=name) for i, name in enumerate(piece.part_names)]
     axes.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
-    return palette(piece.tracks % 10)
+    return palette(piece.parts % 10)
 
 
 def draw_bars(axes: Axes, piece: Piece, width_px: int) -> None:
