@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from common import QUICK_BENCHMARKS, ROOT, cpu_name, write_section
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import TokenizerConfig, load_tokenizer
 from midigen.codec.config import Vocab
 from midigen.inference.generate import SlidingWindowDecoder, generate, generate_batch, load_prompt
-from midigen.inference.grammar import Grammar, GrammarTables
 from midigen.inference.model_files import LoadedModel
 from midigen.inference.sampling import SamplingConfig, sample_tokens
 from midigen.model import ModelConfig, MusicTransformer
@@ -36,6 +35,8 @@ PROMPT_BARS = 4
 LANES = 8
 CACHE_GOAL, BATCH_GOAL = 5.0, 4.0  # KV cache over recomputation; 8 lanes batched over 8 one after another
 SAMPLING = SamplingConfig(temperature=1.0, seed=0)
+# the demo's encoding, which earlier figures were measured with
+TOKENIZER = TokenizerConfig(instruments=False, keep_drums=False, velocity_bins=0)
 
 
 class RecomputeDecoder:
@@ -43,37 +44,40 @@ class RecomputeDecoder:
 
     def __init__(self, model: MusicTransformer) -> None:
         self.model, self.window = model, model.config.context
-        self.history: list[np.ndarray] = [np.zeros(0, np.int64)] * 3
+        self.history: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def __call__(self, tokens: np.ndarray, bars: np.ndarray, beats: np.ndarray) -> torch.Tensor:
-        self.history = [np.concatenate([h, a])[-self.window :] for h, a in zip(self.history, (tokens, bars, beats))]
-        return self.model(*(torch.as_tensor(h).view(1, -1) for h in self.history)).logits[0, -1]
+    def feed(self, tokens: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        new = {"tokens": tokens, **features}
+        self.history = {name: torch.cat([self.history[name], value], 1)[:, -self.window :] if self.history else value
+                        for name, value in new.items()}
+        tokens = self.history["tokens"]
+        return self.model(tokens, {name: self.history[name] for name in features}).logits[:, -1]
 
 
 def small_model(memory: str) -> LoadedModel:
     torch.manual_seed(0)
-    config = ModelConfig.preset("small", memory=memory)
-    return LoadedModel(MusicTransformer(config).eval(), TokenizerConfig(), config, Path("untrained"), 0)
+    config = ModelConfig.preset("small", TOKENIZER, memory=memory)
+    return LoadedModel(MusicTransformer(config).eval(), TOKENIZER, config, Path("untrained"), 0)
 
 
 def decode_one_lane(decoder_class: type, model: MusicTransformer, new_tokens: int) -> float:
     """Seconds to sample `new_tokens` tokens from nothing with `decoder_class`, one token per call."""
-    config = TokenizerConfig()
-    vocab, tables = config.vocab, GrammarTables(config, torch.device("cpu"))
+    grammar = load_tokenizer(TOKENIZER).grammar.on(torch.device("cpu"))
     generators = [torch.Generator().manual_seed(0)]
     decoder = decoder_class(model)
-    state, lowest = (torch.tensor([value]) for value in GrammarTables.state_of(Grammar(config)))  # at <sos>
-    token, step = Vocab.SOS, 0
+    phase, lowest, instrument = (torch.tensor([value]) for value in load_tokenizer(TOKENIZER).grammar.start)
+    token, step = torch.tensor([Vocab.SOS]), 0
     start = time.perf_counter()
-    logits = decoder(np.array([token]), np.array([0]), np.array([0]))
+    logits = decoder.feed(token.view(1, 1), {"bars": torch.zeros(1, 1, dtype=torch.long),
+                                             "beats": torch.zeros(1, 1, dtype=torch.long)})
     for _ in range(new_tokens):
-        sampled = sample_tokens(logits.view(1, -1), tables.allowed(state, lowest, False), SAMPLING, generators)
-        previous, token = token, int(sampled[0])
-        if previous == Vocab.SEP and vocab.is_duration(token):
-            step += token - vocab.duration_offset + 1
-        state, lowest = tables.advance(state, lowest, sampled)
-        logits = decoder(np.array([token]), np.array([step // 32]), np.array([step % 32]))
+        token = sample_tokens(logits.view(1, -1), grammar.allowed(phase, lowest, instrument, False), SAMPLING,
+                              generators)
+        phase, lowest, instrument, advance, _ = grammar.feed(phase, lowest, instrument, token)
+        step += int(advance)
+        logits = decoder.feed(token.view(1, 1), {"bars": torch.tensor([[step // 32]]),
+                                                 "beats": torch.tensor([[step % 32]])})
     return time.perf_counter() - start
 
 
@@ -117,8 +121,7 @@ def cache_section(new_tokens: int, rounds: int) -> str:
 
 
 def batch_section(new_tokens: int, rounds: int) -> str:
-    tokenizer = SeedTokenizer(TokenizerConfig())
-    prompt = load_prompt(PROMPT, PROMPT_BARS, tokenizer)
+    prompt = load_prompt(PROMPT, PROMPT_BARS, load_tokenizer(TOKENIZER))
 
     def batched(trained: LoadedModel, lanes: int) -> Callable[[], float]:
         return timed(lambda: generate_batch(trained, [prompt], SAMPLING, new_tokens=new_tokens, num_samples=lanes))

@@ -40,6 +40,7 @@ from common import CACHE, QUICK_BENCHMARKS, corpus_files, cpu_name, median_secon
 import midigen
 from midigen.codec import TokenizerConfig
 from midigen.data.batching import SongLanes, TokenArrays
+from midigen.data.batching import model_inputs
 from midigen.data.encode import encode_files
 from midigen.data.store import TokenStore
 from midigen.evaluation.nll import score_songs
@@ -60,11 +61,12 @@ RETRIEVAL_OFF = "knn, retrieval off"  # the knn model scored without what its se
 WINDOW_BUCKETS = ((0, 16), (16, 64), (64, CONTEXT))
 PIECE_BUCKETS = ((0, 4 * CONTEXT), (4 * CONTEXT, 16 * CONTEXT), (16 * CONTEXT, 10**9))
 QUALITY_GOAL = -0.03  # knn's change of validation NLL against none
+TOKENIZER = TokenizerConfig(instruments=False, keep_drums=False, velocity_bins=0)  # single voices' timbres: no instruments
 
 
 def model_config(memory: str, layers: int = LAYERS) -> ModelConfig:
     # 128 wide; the kNN layer is the one below the top, near the output as in Memorizing Transformers
-    return ModelConfig.preset("small", TokenizerConfig(), d_model=128, n_layers=layers, n_heads=4, context=CONTEXT,
+    return ModelConfig.preset("small", TOKENIZER, d_model=128, n_layers=layers, n_heads=4, context=CONTEXT,
                               memory=memory, knn_layer=-2)
 
 
@@ -78,9 +80,9 @@ def long_piece_store(root: Path) -> TokenStore:
         files += corpus_files(name)
     survey = root / "store-survey"
     shutil.rmtree(survey, ignore_errors=True)
-    encode_files(files, survey)
+    encode_files(files, survey, TOKENIZER)
     long_paths = [s.path for s in TokenStore(survey).songs if s.length >= 4 * CONTEXT]
-    encode_files(long_paths, store_dir)
+    encode_files(long_paths, store_dir, TOKENIZER)
     shutil.rmtree(survey)
     return TokenStore(store_dir)
 
@@ -390,9 +392,8 @@ def step_times(config_of, lanes: int, store: TokenStore, rounds: int) -> dict[st
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(batch, model=model, memory=memory, optimizer=optimizer):  # noqa: ANN001, ANN202
-            tokens = batch["tokens"]
-            output = memory.forward(model, tokens[:, :-1], batch["bars"][:, :-1], batch["beats"][:, :-1],
-                                    targets=tokens[:, 1:], new_song=same_song)
+            tokens, features, targets = model_inputs(batch, model.config.embeddings)
+            output = memory.forward(model, tokens, features, targets=targets, new_song=same_song)
             output.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -421,7 +422,7 @@ def step_cost(store: TokenStore, rounds: int) -> str:
     setups = (
         ("the quality runs' model (4×128, context 128)", model_config, LANES),
         ("the `small` preset (4×192, context 256)",
-         lambda mode: ModelConfig.preset("small", TokenizerConfig(), memory=mode), 16),
+         lambda mode: ModelConfig.preset("small", TOKENIZER, memory=mode), 16),
     )
     rows = []
     for label, config_of, lanes in setups:

@@ -35,7 +35,7 @@ import symusic
 import torch
 from common import CACHE, QUICK_BENCHMARKS, ROOT, cpu_name, write_section
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import TokenizerConfig, load_tokenizer
 from midigen.evaluation.render import render_wav
 from midigen.inference import SamplingConfig, generate, load_model, load_prompt, write_generation
 
@@ -47,6 +47,7 @@ PROMPT_BARS = 4
 JAM_BPM, JAM_PHRASE, JAM_ANSWER_BARS = 100.0, (62, 65, 69, 67), 2
 OVERHEAD_GOAL, JAM_GOAL_MS = 0.10, 300.0
 HERE = CACHE / "studio"
+TOKENIZER = TokenizerConfig(instruments=False, keep_drums=False, velocity_bins=0)  # as earlier figures: the demo's
 
 
 def small_run() -> Path:
@@ -58,8 +59,8 @@ def small_run() -> Path:
 
     run = HERE / "models" / "small"
     if not (run / "checkpoint.safetensors").exists():
-        store = encode_files([PROMPTS], HERE / "store", workers=2, progress=False).store
-        train(store, run, ModelConfig.preset("small", TokenizerConfig()),
+        store = encode_files([PROMPTS], HERE / "store", TOKENIZER, workers=2, progress=False).store
+        train(store, run, ModelConfig.preset("small", TOKENIZER),
               TrainConfig(max_steps=1, batch_size=2, eval_interval=1, warmup_steps=1, device="cpu"), progress=False)
     return run
 
@@ -123,7 +124,7 @@ def phrase_file() -> bytes:
 
 def generation_rounds(server: Server, run: Path, bars: int, rounds: int, scratch: Path) -> dict[str, Any]:
     loaded = load_model(run, "cpu")
-    tokenizer = SeedTokenizer(loaded.tokenizer)
+    tokenizer = load_tokenizer(loaded.tokenizer)
     prompt = load_prompt(PROMPT, PROMPT_BARS, tokenizer)
     upload = (PROMPT.name, PROMPT.read_bytes())
     jam_upload = ("phrase.mid", phrase_file())

@@ -19,26 +19,28 @@ import torch
 from common import QUICK_BENCHMARKS, median_seconds, write_section
 from x_transformers import Decoder, TransformerWrapper
 
+from midigen.codec import TokenizerConfig
 from midigen.model import ModelConfig, MusicTransformer
 
 BATCH = 16
 ROUNDS = 5
 PRESETS = {"small": 3, "base": 1}  # preset: steps timed per round
 GOAL = 1.0  # midigen's step time at most this many times x-transformers'
+TOKENIZER = TokenizerConfig(instruments=False, keep_drums=False, velocity_bins=0)  # as earlier figures: the demo's
 PARAMETER_TOLERANCE = 0.03  # the two models' parameter counts may differ by this fraction at most
 
 
 def step_function(model: torch.nn.Module, config: ModelConfig, ours: bool):  # noqa: ANN201
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, config.vocab_size, (BATCH, config.context + 1), generator=generator)
-    bars = torch.randint(0, config.num_bars, (BATCH, config.context), generator=generator)
-    beats = torch.randint(0, config.beat_positions, (BATCH, config.context), generator=generator)
+    features = {name: torch.randint(0, size, (BATCH, config.context), generator=generator)
+                for name, size in config.embeddings.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step() -> None:
         if ours:
-            loss = model(tokens[:, :-1], bars, beats, targets=tokens[:, 1:]).loss
+            loss = model(tokens[:, :-1], features, targets=tokens[:, 1:]).loss
         else:
             logits = model(tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
@@ -96,7 +98,7 @@ def main() -> None:
     rounds = 1 if args.quick else ROUNDS
     models = {}
     for preset in presets:
-        config = ModelConfig.preset(preset)
+        config = ModelConfig.preset(preset, TOKENIZER)
         torch.manual_seed(0)
         models[preset] = config, MusicTransformer(config), x_transformers_model(config)
         ours_params, theirs_params = parameters(models[preset][1]), parameters(models[preset][2])
