@@ -14,11 +14,13 @@ from midigen.codec import SeedTokenizer
 from midigen.data import corpus as corpus_module
 from midigen.data.corpus import (
     CORPORA,
+    CorpusReport,
     Piece,
     corpus_root,
     export_corpus,
     export_piece,
     list_pieces,
+    program_of_name,
     select_pieces,
 )
 from midigen.data.splits import split_of
@@ -27,6 +29,15 @@ from midigen.errors import MidigenError
 FIRST_CHORALES = 3
 FAILING_TUNE = "airdsAirs_book2_355"  # music21: "badly formed repeats"
 GOOD_TUNES = ["essenFolksong_han1_1", "essenFolksong_han1_2"]
+QUARTET = ["Violin I", "Violin II", "Viola", "Cello"]
+# music21 gives every part of these String Ensemble 1 (Haydn, Mozart) or swaps the violins and the cello (Beethoven)
+CHAMBER_PIECES = {
+    "haydn_opus1no1_movement2": (QUARTET, [40, 40, 41, 42]),
+    "mozart_k80_movement3": (QUARTET, [40, 40, 41, 42]),
+    "beethoven_opus18no1_movement4": (QUARTET, [40, 40, 41, 42]),
+    "corelli_opus3no1_1grave": (["Violino I.", "Violino II.", "Violone e Organo"], [40, 40, 43]),
+}
+FAILING_QUARTET = "beethoven_opus132"  # music21: "badly formed repeats"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +52,12 @@ def folk_names() -> set[str]:
     return {piece.name for piece in list_pieces("folk")}
 
 
+@pytest.fixture(scope="module")
+def chamber(tmp_path_factory: pytest.TempPathFactory) -> CorpusReport:
+    out = tmp_path_factory.mktemp("corpus") / "chamber"
+    return export_corpus("chamber", out, workers=2, names=[*CHAMBER_PIECES, FAILING_QUARTET], progress=False)
+
+
 def midi_files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.glob("*.mid"))}
 
@@ -51,6 +68,7 @@ def test_chorales_export_as_multitrack_midi_the_codec_reads(chorales: Path) -> N
     for name in expected:
         score = symusic.Score(str(chorales / name))
         assert [track.name for track in score.tracks] == ["Soprano", "Alto", "Tenor", "Bass"]
+        assert [track.program for track in score.tracks] == [52] * 4  # voices: Choir Aahs
         assert all(track.note_num() > 0 for track in score.tracks)
         assert len(SeedTokenizer().encode(chorales / name)) > 100
 
@@ -107,6 +125,61 @@ def test_listed_corpora_hold_each_work_once_preferring_musicxml() -> None:
     quartets = list_pieces("beethoven-quartets")
     assert len(quartets) == len({piece.name for piece in quartets}) == 22
     assert "beethoven/opus18no1/movement1.mxl" in [piece.source for piece in quartets]
+
+
+def test_chamber_gathers_the_multi_instrument_works_of_several_composers() -> None:
+    pieces = list_pieces("chamber")
+    assert len(pieces) == len({piece.name for piece in pieces}) == 86
+    assert all((corpus_root() / piece.source).is_file() for piece in pieces)
+    composers = {piece.source.split("/")[0] for piece in pieces}
+    assert {"haydn", "mozart", "beethoven", "schumann_robert", "corelli", "bach", "weber"} <= composers
+    sources = {piece.source for piece in pieces}
+    assert {piece.source for piece in list_pieces("beethoven-quartets")} <= sources  # all 22 Beethoven quartets
+    assert not sources & {piece.source for piece in list_pieces("bach-chorales")}  # no chorale twice
+    assert "mozart/k545/movement1_exposition.mxl" not in sources  # a piano sonata: one instrument
+    assert set(CHAMBER_PIECES) <= {piece.name for piece in pieces}
+
+
+def test_chamber_parts_keep_their_instruments_as_general_midi_programs(chamber: CorpusReport) -> None:
+    assert sorted(chamber.exported) == sorted(CHAMBER_PIECES)
+    assert sorted(midi_files(chamber.out_dir)) == sorted(f"{name}.mid" for name in CHAMBER_PIECES)
+    for name, (track_names, programs) in CHAMBER_PIECES.items():
+        score = symusic.Score(str(chamber.out_dir / f"{name}.mid"))
+        assert [track.name for track in score.tracks] == track_names, name
+        assert [track.program for track in score.tracks] == programs, name
+        assert not any(track.is_drum for track in score.tracks)
+        assert all(track.note_num() > 50 for track in score.tracks)
+    assert len(SeedTokenizer().encode(chamber.out_dir / "haydn_opus1no1_movement2.mid")) > 100
+
+
+def test_chamber_piece_music21_cannot_write_is_skipped_and_reported(chamber: CorpusReport) -> None:
+    assert [name for name, _ in chamber.failed] == [FAILING_QUARTET]
+    assert chamber.failed[0][1].startswith("ExpanderException: cannot expand Stream")
+    manifest = json.loads(chamber.manifest_path.read_text())
+    assert manifest["corpus"] == "chamber"
+    assert [entry["name"] for entry in manifest["pieces"]] == sorted(CHAMBER_PIECES)
+    assert manifest["failed"] == [
+        {"name": FAILING_QUARTET, "source": "beethoven/opus132.mxl", "reason": chamber.failed[0][1]}
+    ]
+
+
+def test_instrument_names_map_to_general_midi_programs() -> None:
+    expected = {
+        "1st Violin": 40, "Violino II.": 40, "Viola.": 41, "Violoncello.": 42, "Violone e Organo": 43,
+        "Flöte": 73, "Oboe 1": 68, "Bb Clarinet": 71, "Klarinette": 71, "Fagotto": 70, "Horn 2": 60,
+        "Corno": 60, "Corno inglese": 69, "Trumpet 1": 56, "Trombone": 57, "Tuba": 58, "Timpani": 47,
+        "Harp": 46, "Piano": 0, "Organ": 19, "Cembalo": 6, "Soprano I": 52, "Gesang": 52, "Bass": 52,
+        "Basso continuo": 42, "Continuo": 42,
+    }
+    assert {name: program_of_name(name) for name in expected} == expected
+    assert program_of_name("MusicXML Part") is None  # left to the instrument's name or music21's program
+
+
+def test_percussion_parts_go_to_drum_tracks(tmp_path: Path) -> None:
+    # the corpora have no percussion; music21's demo has a drum kit and a cowbell
+    assert export_piece(Piece("demos_drum_sample", "demos/drum_sample.xml"), tmp_path) is None
+    score = symusic.Score(str(tmp_path / "demos_drum_sample.mid"))
+    assert [(track.name, track.is_drum) for track in score.tracks] == [("Drums", True), ("Cowbell", True)]
 
 
 def test_folk_is_one_piece_per_tune(folk_names: set[str], tmp_path: Path) -> None:
@@ -171,6 +244,14 @@ def test_temp_file_of_an_interrupted_export_is_removed(tmp_path: Path) -> None:
     leftover.write_bytes(b"MThd half written")
     report = export_corpus("bach-chorales", tmp_path, workers=1, limit=1, progress=False)
     assert report.exported == ["bach_bwv269"] and not leftover.exists()
+
+
+def test_help_lists_every_corpus(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["corpus", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "chamber" in CORPORA and f"({', '.join(CORPORA)})" in help_text
 
 
 def test_unknown_corpus_names_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a corpus bundled with music21 as MIDI files",
         description=(
             f"Export real music that ships with music21 ({', '.join(CORPORA)}) as MIDI files into DIR, one "
-            "track per part, with DIR/splits.json (train/val/test) and DIR/manifest.json (sources, failures). "
+            "track per part with the part's instrument as its General MIDI program (percussion on the drum "
+            "channel), with DIR/splits.json (train/val/test) and DIR/manifest.json (sources, failures). "
+            "chamber holds the pieces for two or more different instruments: string quartets of Haydn, Mozart, "
+            "Beethoven and Schumann, trios, songs, and Bach chorales with their orchestral parts. "
             "Rerunning skips pieces already exported and pieces that failed before. Pieces that cannot be "
             "exported are listed with the reason. Exits 0 when DIR holds at least one selected piece."
         ),

@@ -1,8 +1,13 @@
 """`midigen corpus`: music bundled with music21, exported as MIDI files with a train/val/test split.
 
 music21 ships scores (MusicXML, Humdrum, ABC), not MIDI, so each piece is parsed with music21 and
-written as MIDI: one track per part, with the score's tempo, time and key signatures. A pickup bar
-is padded with silence to a full bar so that bar lines fall where the codec's bar grid puts them.
+written as MIDI: one track per part, named after the part and set to the General MIDI program of its
+instrument (percussion on the drum channel), with the score's tempo, time and key signatures. A pickup
+bar is padded with silence to a full bar so that bar lines fall where the codec's bar grid puts them.
+
+`chamber` gathers the pieces of music21's corpus written for two or more different instruments (a
+voice counts as one): string quartets of Haydn, Mozart, Beethoven and Robert Schumann, a Corelli trio
+sonata, a piano trio, songs, and Bach chorale settings with their orchestral parts.
 
 Pieces are exported in worker processes under a watchdog (a piece that hangs or kills its worker is
 reported, not fatal). Each MIDI file is written atomically, so a rerun skips what is already there
@@ -18,6 +23,7 @@ import os
 import re
 import signal
 import time
+import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +41,7 @@ from midigen.errors import MidigenError
 from midigen.io_utils import atomic_write_text
 from midigen.workers import ForkSafeProgress, death_reason, process_context
 
-CORPORA = ("bach-chorales", "palestrina", "beethoven-quartets", "folk")
+CORPORA = ("bach-chorales", "palestrina", "beethoven-quartets", "chamber", "folk")
 DEFAULT_TIMEOUT_S = 300.0  # a Beethoven movement takes ~10 s; a piece still going after this is stuck
 POLL_S = 0.2
 # Some works are stored in several formats; the MusicXML copies are the better-edited ones.
@@ -44,6 +50,66 @@ FORMAT_PREFERENCE = (".mxl", ".musicxml", ".xml", ".krn", ".abc")
 NOT_FOLK = ("josquin",)
 # music21 names objects by memory address in its messages; the manifest must not change run to run
 MEMORY_ADDRESS = re.compile(r"(0x|id\(\)=)[0-9a-fA-F]+")
+# The works of `chamber`: folders or scores (without suffix) of music21's corpus whose parts are for
+# two or more different instruments. Bach's settings here are not among the Riemenschneider chorales
+# of `bach-chorales` (bwv190.7-inst is the orchestral score of its chorale bwv190.7).
+CHAMBER_WORKS = (
+    "bach/bwv1.6", "bach/bwv112.5-sc", "bach/bwv12.7", "bach/bwv120.8-a", "bach/bwv124.6", "bach/bwv128.5",
+    "bach/bwv130.6", "bach/bwv137.5", "bach/bwv149.7", "bach/bwv171.6", "bach/bwv175.7", "bach/bwv185.6",
+    "bach/bwv190.7-inst", "bach/bwv195.6", "bach/bwv248.17", "bach/bwv248.35-3c", "bach/bwv248.64-6",
+    "bach/bwv248.9-s", "bach/bwv31.9", "bach/bwv52.6", "bach/bwv59.3", "bach/bwv79.3", "bach/bwv79.6",
+    "bach/bwv95.7", "bach/bwv97.9",
+    "beach/prayer_of_a_tired_child",  # four voices and piano
+    "beethoven",  # string quartets
+    "corelli/opus3no1",  # trio sonata: two violins, violone and organ
+    "handel/rinaldo",  # aria: voice and piano
+    "haydn",  # string quartets
+    "liliuokalani/aloha_oe",  # voices and piano
+    "mozart/k155", "mozart/k156", "mozart/k458", "mozart/k80",  # string quartets
+    "schubert/Lindenbaum",  # song: voice and piano
+    "schumann_clara/opus17",  # piano trio: violin, cello and piano
+    "schumann_robert/opus41no1",  # string quartet
+    "schumann_robert/dichterliebe_no2", "schumann_robert/opus48no2",  # songs: voice and piano
+    "weber/concertino_clarinet",  # clarinet and piano
+    "webern/webern_dormi_jesu_op_16_no_2",  # voice and clarinet
+)
+# General MIDI programs by the words that name an instrument in part names (English, Italian, German,
+# French), matched whole, first word first; music21's own instrument objects are often wrong in the
+# corpus (String Ensemble for each part of a quartet, Piano for violins, Cello for the first violin).
+VOICE_PROGRAM = 52  # Choir Aahs
+CONTINUO_PROGRAM = 42  # a continuo part is its bass line: cello
+GM_PROGRAM_WORDS: tuple[tuple[str, int], ...] = (
+    (r"violon(cell[oei]?|celle)|cell[oi]|vc|vcl|vlc", 42),
+    (r"violone|contrabass[oi]?|kontrabass|contrebasse|bassi|cb|kb", 43),
+    (r"violin[oei]?|violine[n]?|geige|violon|vl|vln|vn", 40),
+    (r"viol[ae]|viole|bratsche|vla|va", 41),
+    (r"piccolo|ottavino", 72),
+    (r"fl(u|oe|o)t(e|o|i|en)?|flauto|traverso|fl", 73),
+    (r"recorder|blockflote|flauti|flautodolce", 74),
+    (r"oboe[ns]?|oboi|hautbois|ob", 68),
+    (r"clarinet(te|to|ti)?|klarinette[n]?|cl|kl", 71),
+    (r"bassoon|fagott[oie]?|basson|fg|bn", 70),
+    (r"horn|horns|corn[oi]|cor|waldhorn|hn", 60),
+    (r"trumpet|trumpets|tromb[ae]|trompete[n]?|trompette|clarino|cornet+[os]?|tr|tpt", 56),
+    (r"trombone[s]?|posaune[n]?|tbn", 57),
+    (r"tuba[s]?", 58),
+    (r"timpani|timpano|pauke[n]?|timbales|timp", 47),
+    (r"harp|harfe|arpa|harpe", 46),
+    (r"harpsichord|cembalo|clavecin", 6),
+    (r"organ|organo|orgel|orgue", 19),
+    (r"piano|pianoforte|fortepiano|klavier|pf|pno", 0),
+    (r"guitar|gitarre|chitarra|guitare|lute|liuto|laute|luth", 24),
+    (
+        r"voice|voices|vocal|vocalist|gesang|singstimme|stimme|choir|chorus|coro|chor|"
+        r"soprano|sopran|mezzo|alto|alt|contralto|tenor|tenore|baritone|bariton|bass|basso|bassus|"
+        r"cantus|canto|altus|superius|discantus|contratenor|quintus|sextus",
+        VOICE_PROGRAM,
+    ),
+)
+DRUM_WORDS = re.compile(
+    r"drum|drums|percussion|percussions|schlagzeug|snare|cymbal|cymbals|becken|hihat|cowbell|"
+    r"triangle|triangel|tambourine|tamburin|castanets|woodblock|tamtam|gong"
+)
 SPLITS_FILE = "splits.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -132,6 +198,7 @@ def list_pieces(corpus: str) -> list[Piece]:
         "bach-chorales": _bach_chorales,
         "palestrina": lambda root: _scores_of(root, "palestrina"),
         "beethoven-quartets": lambda root: _scores_of(root, "beethoven"),
+        "chamber": _chamber_works,
         "folk": _folk_tunes,
     }
     if corpus not in listers:
@@ -173,8 +240,9 @@ def piece_midi(piece: Piece) -> symusic.Score:
     # forceSource: no pickled copies in music21's scratch folder, which would outlive the export
     score = converter.parse(corpus_root() / piece.source, number=piece.tune, forceSource=True)
     _unshare_signatures(score)
+    parts = _set_programs(score)
     midi_score = parse_midi(midi.translate.streamToMidiFile(score).writestr(), piece.source)
-    return _tidied(midi_score, _pickup_quarters(score))
+    return _labelled(_tidied(midi_score, _pickup_quarters(score)), parts)
 
 
 def corpus_root() -> Path:
@@ -210,6 +278,19 @@ def _scores_of(root: Path, composer: str) -> list[Piece]:
     from music21 import corpus
 
     return [_piece(root, path) for path in _one_format_each(Path(p) for p in corpus.getComposer(composer))]
+
+
+def _chamber_works(root: Path) -> list[Piece]:
+    from music21 import corpus
+
+    def chosen(path: Path) -> bool:
+        work = path.relative_to(root).with_suffix("").as_posix()
+        return path.suffix.lower() in FORMAT_PREFERENCE and any(
+            work == chamber_work or work.startswith(f"{chamber_work}/") for chamber_work in CHAMBER_WORKS
+        )
+
+    paths = [Path(p) for p in corpus.getPaths()]
+    return [_piece(root, path) for path in _one_format_each(path for path in paths if chosen(path))]
 
 
 def _one_format_each(paths: Iterable[Path]) -> list[Path]:
@@ -255,21 +336,132 @@ def _piece(root: Path, path: Path, tune: int | None = None) -> Piece:
 
 
 def _unshare_signatures(score: Any) -> None:
-    """Give each bar its own signature objects.
+    """Give each bar its own signature (and instrument) objects.
 
     music21's ABC reader puts one TimeSignature object in two bars when a tune returns to its metre
     after an irregular bar (about 1 Essen tune in 10); its MIDI writer then fails with "already found
     in this Stream".
     """
-    from music21 import key, meter, tempo
+    from music21 import instrument, key, meter, tempo
 
-    signature_classes = (meter.TimeSignature, key.KeySignature, tempo.MetronomeMark)
+    signature_classes = (meter.TimeSignature, key.KeySignature, tempo.MetronomeMark, instrument.Instrument)
     seen: set[int] = set()
     for container in score.recurse(streamsOnly=True, includeSelf=True):
         for element in list(container.getElementsByClass(signature_classes)):
             if id(element) in seen:
                 container.replace(element, copy.deepcopy(element))
             seen.add(id(element))
+
+
+@dataclass(frozen=True)
+class _PartInstrument:
+    """What the MIDI track of a part must say: its name and its General MIDI instrument."""
+
+    name: str
+    program: int
+    is_drum: bool
+    has_notes: bool
+
+
+def _set_programs(score: Any) -> list[_PartInstrument]:
+    """Set every instrument of each part to the part's General MIDI program, for music21's MIDI writer.
+
+    Returns each part's name, program and whether it is percussion, in the order of the score's parts
+    (the order of music21's MIDI tracks), for `_labelled` to check the written MIDI against.
+    """
+    from music21 import instrument
+
+    parts = []
+    for part in score.parts:
+        instruments = list(part.recurse().getElementsByClass(instrument.Instrument))
+        program, is_drum = part_program(part)
+        if not is_drum:
+            if not instruments:
+                part.insert(0, instrument.Instrument())
+                instruments = list(part.recurse().getElementsByClass(instrument.Instrument))
+            for found in instruments:
+                found.midiProgram = program
+        name = " ".join((part.partName or "").split())
+        parts.append(_PartInstrument(name, program, is_drum, part.recurse().notes.first() is not None))
+    return parts
+
+
+def part_program(part: Any) -> tuple[int, bool]:
+    """(General MIDI program, percussion?) of a music21 part.
+
+    Percussion: an unpitched instrument, unpitched notes or a drum name (program 0 on the drum channel).
+    Otherwise the first of: the part's name, its instrument's name (both by `GM_PROGRAM_WORDS`, then by
+    music21's multilingual `instrument.fromString`), the program of its music21 instrument, 0 (piano).
+    """
+    from music21 import instrument, note, percussion
+
+    found = part.getInstrument(returnDefault=False)
+    names = [part.partName, part.partAbbreviation]
+    if found is not None:
+        names += [found.partName, found.instrumentName, found.instrumentAbbreviation]
+    names = [name for name in names if name]
+    unpitched = part.recurse().getElementsByClass((note.Unpitched, percussion.PercussionChord))
+    if (
+        isinstance(found, instrument.UnpitchedPercussion)
+        or unpitched.first() is not None
+        or any(DRUM_WORDS.fullmatch(word) for word in _words(names[0] if names else ""))
+    ):
+        return 0, True
+    for name in names:
+        program = program_of_name(name)
+        if program is not None:
+            return program, False
+    for name in names:
+        try:
+            named = instrument.fromString(name)
+        except Exception:  # music21 raises InstrumentException for names it does not know
+            continue
+        if named.midiProgram is not None:
+            return _voice_as_choir(named, named.midiProgram), False
+    if found is not None and found.midiProgram is not None:
+        return _voice_as_choir(found, found.midiProgram), False
+    return 0, False
+
+
+def program_of_name(name: str) -> int | None:
+    """The General MIDI program an instrument name stands for ('Violin I' 40, 'Violoncello.' 42), or None."""
+    words = _words(name)
+    if "continuo" in words:
+        return CONTINUO_PROGRAM
+    if any(pair in " ".join(words) for pair in ("english horn", "cor anglais", "corno inglese", "englischhorn")):
+        return 69
+    for word in words:
+        for pattern, program in GM_PROGRAM_WORDS:
+            if re.fullmatch(pattern, word):
+                return program
+    return None
+
+
+def _words(name: str) -> list[str]:
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    return re.findall(r"[a-z]+", plain)
+
+
+def _voice_as_choir(found: Any, program: int) -> int:
+    from music21 import instrument
+
+    return VOICE_PROGRAM if isinstance(found, instrument.Vocalist) else program
+
+
+def _labelled(score: symusic.Score, parts: list[_PartInstrument]) -> symusic.Score:
+    """Each track named after its part, with the part's program and drum flag.
+
+    music21 writes one track per part, in order; `_tidied` kept those with notes. Where the tracks
+    and the parts with notes differ in number, the programs music21 wrote stay (set by `_set_programs`).
+    """
+    sounding = [part for part in parts if part.has_notes]
+    if len(sounding) != len(score.tracks):
+        return score
+    for track, part in zip(score.tracks, sounding):
+        track.name = part.name or track.name
+        track.program = part.program
+        track.is_drum = part.is_drum
+    return score
 
 
 def _pickup_quarters(score: Any) -> float:
