@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from midigen.codec import TokenizerConfig
+from midigen.data.store import TokenStore
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import train
 
 store, run, out = sys.argv[1:4]
-model_config = ModelConfig.preset("tiny", TokenizerConfig())
+model_config = ModelConfig.preset("tiny", TokenStore(store).config)  # the tokenizer the store was encoded with
 train_config = TrainConfig(max_steps=6, batch_size=2, eval_interval=3, log_interval=3, warmup_steps=2, device="cpu")
 result, trainer = train(store, run, model_config, train_config, progress=False)
 rank = trainer.dist.rank

@@ -5,17 +5,20 @@ token and can stop a lane, and each kind of stop ends where it says."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import symusic
+from conftest import SINGLE_STREAM
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import load_tokenizer
 from midigen.codec.config import Vocab
 from midigen.errors import MidigenError
 from midigen.inference.generate import (
     Generation,
+    NoteEvent,
     Prompt,
     TokenEvent,
     empty_prompt,
@@ -24,11 +27,11 @@ from midigen.inference.generate import (
     generation_score,
     load_prompt,
 )
-from midigen.inference.grammar import Grammar
 from midigen.inference.model_files import LoadedModel, load_model
 from midigen.inference.sampling import SamplingConfig
 
-TOKENIZER = SeedTokenizer(TokenizerConfig())
+TOKENIZER = load_tokenizer(SINGLE_STREAM)
+GRAMMAR = TOKENIZER.grammar
 VOCAB = TOKENIZER.vocab
 PROMPTS = Path(__file__).parent / "data" / "prompts"
 FUER_ELISE = PROMPTS / "Fuer_Elise_-_Ludwig_Van_Beethoven_-_Verse.mid"  # 3/4: lanes in different grids
@@ -45,7 +48,7 @@ def runs(tiny_run: Path, prompt_store: Path, tmp_path_factory: pytest.TempPathFa
     found = {"none": tiny_run}
     for mode in ("xl", "knn"):
         run = tmp_path_factory.mktemp("runs") / mode
-        model_config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode, context=16)
+        model_config = ModelConfig.preset("tiny", SINGLE_STREAM, memory=mode, context=16)
         train(prompt_store, run, model_config, TrainConfig(max_steps=4, batch_size=3, eval_interval=4, log_interval=2,
                                                            warmup_steps=2, device="cpu", eval_tokens=500), progress=False)
         found[mode] = run
@@ -79,7 +82,7 @@ def test_a_batch_samples_what_each_lane_samples_alone(runs: dict[str, Path], mod
         assert np.array_equal(generation.sequence.tokens, alone.sequence.tokens), (mode, lane)
         for column in ("steps", "bars", "beats"):
             assert np.array_equal(getattr(generation.sequence, column), getattr(alone.sequence, column)), column
-        assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
+        assert GRAMMAR.check(generation.sequence.tokens) is None
     assert not np.array_equal(tokens_of(batch[0]), tokens_of(batch[1]))  # two samples of a prompt differ
 
 
@@ -103,8 +106,9 @@ def test_the_callback_sees_every_returned_token_in_order(tiny_run: Path) -> None
         assert [e.bar for e in events] == generation.sequence.bars[start:].tolist()
         assert [e.count for e in events] == list(range(1, len(events) + 1))
         previous = generation.sequence.tokens[start - 1 : -1]
-        expected = [VOCAB.is_note(int(p)) and VOCAB.is_duration(e.token) for p, e in zip(previous, events)]
-        assert [e.completes_note for e in events] == expected and any(expected)
+        expected = [NoteEvent(int(p) - VOCAB.note(0), e.token - VOCAB.duration(1) + 1, 0)
+                    if VOCAB.is_note(int(p)) and VOCAB.is_duration(e.token) else None for p, e in zip(previous, events)]
+        assert [e.note for e in events] == expected and any(expected)
 
 
 def test_the_callback_stops_one_lane_and_leaves_the_others_alone(tiny_run: Path) -> None:
@@ -115,7 +119,7 @@ def test_the_callback_stops_one_lane_and_leaves_the_others_alone(tiny_run: Path)
     notes = []
 
     def stop_lane_1_at_its_third_note(event: TokenEvent) -> bool:
-        if event.lane == 1 and event.completes_note:
+        if event.lane == 1 and event.note is not None:
             notes.append(event.count)
         return len(notes) == 3 and event.lane == 1
 
@@ -124,9 +128,9 @@ def test_the_callback_stops_one_lane_and_leaves_the_others_alone(tiny_run: Path)
     assert np.array_equal(tokens_of(stopped[1]), tokens_of(full[1])[: notes[2]])  # a prefix of what it would write
     for lane in (0, 2):
         assert np.array_equal(stopped[lane].sequence.tokens, full[lane].sequence.tokens)
-    assert Grammar(TOKENIZER.config).check(stopped[1].sequence.tokens) is None
+    assert GRAMMAR.check(stopped[1].sequence.tokens) is None
     score = symusic.Score.from_midi(generation_score(stopped[1], TOKENIZER).dumps_midi())
-    prompt_notes = TOKENIZER.sparse_score(TOKENIZER.decode(prompts[0].sequence.tokens, 100.0, prompts[0].grid)).notes()
+    prompt_notes = TOKENIZER.sparse_score(TOKENIZER.decode(prompts[0].sequence.tokens, [(0, 100.0)], prompts[0].grid)).notes()
     assert len(TOKENIZER.sparse_score(score).notes() - prompt_notes) >= 1
 
 
@@ -156,7 +160,7 @@ def test_each_stop_ends_where_it_says(tiny_run: Path) -> None:
     assert ended and all(len(tokens_of(g)) < 200 for g in ended)
     for generation in ending:
         assert (tokens_of(generation)[:-1] != Vocab.EOS).all()
-        assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
+        assert GRAMMAR.check(generation.sequence.tokens) is None
         assert generation_score(generation, TOKENIZER).note_num() > 0
     never = generate_batch(trained, [prompt], hot, new_tokens=200, num_samples=6)
     assert all((tokens_of(g) != Vocab.EOS).all() for g in never)
@@ -173,25 +177,42 @@ def test_bad_lengths_are_refused(tiny_run: Path, length: dict, message: str) -> 
         generate_batch(load_model(tiny_run), [empty_prompt(TOKENIZER)], SamplingConfig(), **length)
 
 
-def test_the_grammar_tables_allow_what_the_grammar_allows_along_real_songs(prompt_files: list[Path]) -> None:
-    """Every position of every prompt file, with and without the end of the song allowed, for both unison rules."""
+def test_the_device_grammar_follows_the_numpy_grammar_along_real_songs(prompt_files: list[Path]) -> None:
+    """Every prompt file a lane of one batch (padded at the end, which changes no state), for both unison rules: at
+    every position the torch tables on the device allow what the numpy tables allow, with and without the end of the
+    song, and reach the same state, moving time on as the tokens' steps do, with the same `instruments` feature."""
     import torch
 
-    from midigen.inference.grammar import GrammarTables
-
-    for config in (TokenizerConfig(), TokenizerConfig(merge_unisons=False)):
-        tokenizer, tables = SeedTokenizer(config), GrammarTables(config, torch.device("cpu"))
-        for path in prompt_files:
-            tokens = tokenizer.encode(path).tokens
-            grammar = Grammar(config)
-            state, lowest = (torch.tensor([value]) for value in tables.state_of(grammar))
-            for token in tokens.tolist():
-                for allow_end in (False, True):
-                    expected = torch.from_numpy(grammar.allowed(allow_end))
-                    assert torch.equal(tables.allowed(state, lowest, allow_end)[0], expected), (path, token)
-                grammar.feed(token)
-                state, lowest = tables.advance(state, lowest, torch.tensor([token]))
-                assert tables.state_of(grammar) == (int(state), int(lowest))
+    for config in (SINGLE_STREAM, replace(SINGLE_STREAM, merge_unisons=False)):
+        tokenizer = load_tokenizer(config)
+        tables = tokenizer.grammar
+        device = tables.on(torch.device("cpu"))
+        songs = [tokenizer.encode(path) for path in prompt_files]
+        width = max(len(song) for song in songs)
+        batch = torch.full((len(songs), width), Vocab.PAD, dtype=torch.long)
+        for lane, song in enumerate(songs):
+            assert song.tokens[0] == Vocab.SOS and tables.check(song.tokens) is None
+            batch[lane, : len(song)] = torch.from_numpy(song.tokens)
+        states = [tables.start] * len(songs)
+        phase, lowest, instrument = (torch.tensor([value] * len(songs)) for value in tables.start)
+        steps = np.zeros(len(songs), dtype=np.int64)
+        features = [tables.instrument_features(song.tokens) for song in songs]
+        for index in range(1, width):
+            for allow_end in (False, True):
+                on_device = device.allowed(phase, lowest, instrument, allow_end)
+                expected = np.stack([tables.allowed(state, allow_end) for state in states])
+                assert np.array_equal(on_device.numpy(), expected), (config, index, allow_end)
+            tokens = batch[:, index]
+            phase, lowest, instrument, advance, feature = device.feed(phase, lowest, instrument, tokens)
+            states = [tables.feed(state, int(token)) for state, token in zip(states, tokens.tolist())]
+            assert list(zip(phase.tolist(), lowest.tolist(), instrument.tolist())) == states, (config, index)
+            steps += advance.numpy()
+            for lane, song in enumerate(songs):
+                if index < len(song):
+                    assert steps[lane] == song.steps[index], (prompt_files[lane], index)
+                    assert int(feature[lane]) == features[lane][index]
+        assert all(state[0] == tables.state_after(song.tokens)[0] for state, song in zip(states, songs))
+        assert {state[0] for state in states} == {tables.feed(tables.start, Vocab.EOS)[0]}  # every song ended
 
 
 def test_knn_lanes_stacked_and_selected_search_as_they_did_alone() -> None:

@@ -4,11 +4,13 @@ synthetic edge cases and on real multi-track files."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import symusic
+from conftest import SINGLE_STREAM
 from midi_factory import (
     DRUM_CHANNEL,
     GridNote,
@@ -26,11 +28,12 @@ from midigen.codec import (
     TokenizerConfig,
     TokenSequence,
     Vocab,
+    load_tokenizer,
     read_notes,
     show_position_score,
     show_sparse_score,
 )
-from midigen.codec.midi_io import MidiNotes
+from midigen.codec.midi_io import NoteTable
 from midigen.errors import BadMidiError, MidigenError
 
 BUNDLED = (("bach-chorales", 3), ("palestrina", 2), ("folk", 3))  # the first pieces of each bundled corpus
@@ -50,6 +53,16 @@ def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+def note_table(ticks_per_quarter: int, onsets: list[int], durations: list[int], pitches: list[int],
+               path: str | None = None) -> NoteTable:
+    """A one-track piano `NoteTable` of the given notes, without time signatures or tempos."""
+    count = len(onsets)
+    return NoteTable(ticks_per_quarter, np.array(onsets, dtype=np.int64), np.array(durations, dtype=np.int64),
+                     np.array(pitches, dtype=np.int64), np.full(count, 90, dtype=np.int64), np.zeros(count, dtype=np.int64),
+                     np.zeros(count, dtype=bool), np.zeros(count, dtype=np.int64), ["piano"], time_signatures=[],
+                     tempos=[], path=path)
+
+
 def roundtrip(tokenizer: SeedTokenizer, source: object) -> set[GridNote]:
     """Encode, decode, write as a MIDI file, and read its notes back on the grid (independently of midigen)."""
     decoded = tokenizer.decode(tokenizer.encode(source))  # type: ignore[arg-type]
@@ -58,7 +71,7 @@ def roundtrip(tokenizer: SeedTokenizer, source: object) -> set[GridNote]:
 
 # ---- vocabulary and config ----------------------------------------------------------------------
 def test_vocabulary_layout() -> None:
-    vocab = TokenizerConfig(max_duration=16).vocab
+    vocab = replace(SINGLE_STREAM, max_duration=16).vocab
     names = vocab.names()
     assert names[:4] == ["<pad>", "<sos>", "<eos>", "<sep>"]
     assert names[vocab.note(0)] == "n0" and names[vocab.note(127)] == "n127"
@@ -98,7 +111,7 @@ SMALL = [(0, 64, 4), (0, 60, 4), (4, 67, 8), (20, 72, 2)]
 
 
 def test_sparse_score_quantises_sorts_and_merges() -> None:
-    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=32))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, max_duration=32))
     # 480 ticks per quarter, 60 per step: ticks 29 → step 0, 30 → step 1 (halves round up)
     score = make_score([[]], ticks_per_step=60)
     notes = [(29, 50, 100), (30, 52, 5), (60, 60, 120), (60, 60, 240), (60, 60, 180), (600, 70, 60 * 1000)]
@@ -115,7 +128,7 @@ def test_sparse_score_quantises_sorts_and_merges() -> None:
 
 
 def test_position_and_index_scores_by_hand() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     sparse = tokenizer.sparse_score(make_score([SMALL], time_signatures=[(0, 3, 4)]))
     position = tokenizer.position_score(sparse)
     # simultaneous notes highest first; a gap row (GAP, gap length, step where the gap starts) before each new group
@@ -134,7 +147,7 @@ def test_position_and_index_scores_by_hand() -> None:
 
 
 def test_a_late_first_note_and_long_gaps() -> None:
-    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=16))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, max_duration=16))
     sequence = tokenizer.encode(make_score([[(40, 60, 1), (41, 61, 50)]]))
     # gap of 40 from the start = 16 + 16 + 8; the 50-step note is clamped to 16
     assert tokenizer.vocab.describe(sequence.tokens) == [
@@ -144,7 +157,7 @@ def test_a_late_first_note_and_long_gaps() -> None:
 
 
 def test_token_steps_can_continue_from_any_token() -> None:
-    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=16))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, max_duration=16))
     sequence = tokenizer.encode(make_score([[(0, 60, 4), (3, 62, 2), (40, 64, 8), (70, 65, 1)]]))
     for cut in range(1, len(sequence)):
         rest = tokenizer.token_steps(
@@ -158,21 +171,21 @@ def test_encoded_steps_are_those_the_tokens_imply(prompt_files: list[Path], corp
                                                   max_duration: int) -> None:
     """`index_score` takes each token's step from the position score; `token_steps` (which generation
     uses) derives it from the tokens alone: the two must agree."""
-    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=max_duration))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, max_duration=max_duration))
     for path in prompt_files + corpus_files:
         sequence = tokenizer.encode(path)
         np.testing.assert_array_equal(sequence.steps, tokenizer.token_steps(sequence.tokens), err_msg=str(path))
 
 
-@pytest.mark.parametrize("config", [TokenizerConfig(), TokenizerConfig(merge_unisons=False),
-                                    TokenizerConfig(steps_per_quarter=4, max_duration=8)])
+@pytest.mark.parametrize("config", [SINGLE_STREAM, replace(SINGLE_STREAM, merge_unisons=False),
+                                    replace(SINGLE_STREAM, steps_per_quarter=4, max_duration=8)])
 def test_files_encoded_together_equal_files_encoded_alone(prompt_files: list[Path], corpus_files: list[Path],
                                                           config: TokenizerConfig) -> None:
     """`sparse_scores` and `index_scores` (what `encode` workers use) sort and lay out many songs at once:
     each song must come out as `encode` makes it alone, its counts of merged and clamped notes too."""
-    tokenizer = SeedTokenizer(config)
+    tokenizer = load_tokenizer(config)
     files = [read_notes(path) for path in prompt_files + corpus_files]
-    files.insert(3, MidiNotes(480, *(np.zeros(0, dtype=np.int64),) * 3, time_signatures=[], tempos=[]))  # no notes
+    files.insert(3, note_table(480, [], [], []))  # no notes
     together = tokenizer.sparse_scores(files)
     sequences = tokenizer.index_scores(together)
     assert len(together) == len(sequences) == len(files)
@@ -185,7 +198,7 @@ def test_files_encoded_together_equal_files_encoded_alone(prompt_files: list[Pat
             np.testing.assert_array_equal(getattr(sequence, name), getattr(expected, name), err_msg=f"{notes.path}: {name}")
     assert sequences[3].tokens.tolist() == [Vocab.SOS, Vocab.EOS]
     assert tokenizer.sparse_scores([]) == tokenizer.index_scores([]) == []
-    late = MidiNotes(1, np.array([0, 2**23]), np.array([1, 1]), np.array([60, 62]), [], [], path="late.mid")
+    late = note_table(1, [0, 2**23], [1, 1], [60, 62], path="late.mid")
     with pytest.raises(BadMidiError, match="^late.mid: timing out of range"):
         tokenizer.sparse_scores([files[0], late, *files[1:]])
     # the songs have unisons to merge and (at 8 steps at most) notes to clamp: their counts were checked
@@ -194,7 +207,7 @@ def test_files_encoded_together_equal_files_encoded_alone(prompt_files: list[Pat
 
 
 def test_inspection_helpers_render_the_scores() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     sparse = tokenizer.sparse_score(make_score([SMALL], time_signatures=[(0, 3, 4)]))
     lines = show_sparse_score(sparse, first_step=0, num_steps=24).splitlines()
     assert lines[0].split() == ["step", "bar:beat", "C5", "G4", "E4", "C4"]
@@ -210,21 +223,22 @@ def test_inspection_helpers_render_the_scores() -> None:
 
 # ---- decoding -----------------------------------------------------------------------------------
 def test_decode_writes_one_track_with_tempo_and_time_signatures() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     source = make_score([SMALL, [(2, 40, 30)]], time_signatures=[(0, 6, 8), (48, 5, 4)], tempos=[(0, 90.0), (24, 150.0)])
-    score = tokenizer.decode(tokenizer.encode(source), tempo_qpm=90.0)
+    score = tokenizer.decode(tokenizer.encode(source), tempos=[(0, 90.0)])
     assert len(score.tracks) == 1 and score.tracks[0].program == 0 and not score.tracks[0].is_drum
     assert [round(t.qpm, 3) for t in score.tempos] == [90.0]
     ticks_per_step = score.ticks_per_quarter // 8
     assert [(t.time // ticks_per_step, t.numerator, t.denominator) for t in score.time_signatures] == [(0, 6, 8), (48, 5, 4)]
-    assert tokenizer.decode(tokenizer.encode(source), program=40).tracks[0].program == 40
+    changing = tokenizer.decode(tokenizer.encode(source), tempos=[(0, 90.0), (24, 150.0)])  # a tempo map is written whole
+    assert [(t.time // ticks_per_step, round(t.qpm, 3)) for t in changing.tempos] == [(0, 90.0), (24, 150.0)]
 
 
 def test_decode_from_positions_alone_recovers_bar_lengths() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     notes = [(step, 60 + step % 12, 2) for step in range(0, 200, 6)]
     encoded = tokenizer.encode(make_score([notes], time_signatures=[(0, 6, 8), (72, 5, 4)]))
-    positions_only = TokenSequence(encoded.tokens, encoded.steps, encoded.bars, encoded.beats)  # as a store holds it
+    positions_only = TokenSequence(encoded.tokens, encoded.steps, {"bars": encoded.bars, "beats": encoded.beats})  # as a store holds it
     score = tokenizer.decode(positions_only)
     ticks_per_step = score.ticks_per_quarter // 8
     # 6/8 and 3/4 bars are equally long: from positions alone 6/8 comes back as 3/4 (a documented loss)
@@ -233,7 +247,7 @@ def test_decode_from_positions_alone_recovers_bar_lengths() -> None:
 
 
 def test_decode_skips_specials_drops_an_unfinished_pair_and_merges_repeats() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     v = tokenizer.vocab
     tokens = [Vocab.SOS, v.note(60), v.duration(2), v.note(60), v.duration(5), Vocab.PAD, Vocab.SEP, v.duration(3), v.note(62)]
     sparse = tokenizer.decode_sparse(np.array(tokens))
@@ -246,7 +260,7 @@ def test_decode_skips_specials_drops_an_unfinished_pair_and_merges_repeats() -> 
 )
 def test_decode_rejects_malformed_tokens(tokens: list[int], message: str) -> None:
     with pytest.raises(MidigenError, match=message):
-        SeedTokenizer().decode(tokens)
+        load_tokenizer(SINGLE_STREAM).decode(tokens)
 
 
 # ---- round trips: synthetic edge cases ----------------------------------------------------------
@@ -273,7 +287,7 @@ def expected_notes(tracks: list[list[GridNote]], max_duration: int) -> set[GridN
 @pytest.mark.parametrize("max_duration", [16, 256])
 @pytest.mark.parametrize("with_changes", [False, True])
 def test_synthetic_round_trip_is_exact(case: str, steps_per_quarter: int, max_duration: int, with_changes: bool) -> None:
-    tokenizer = SeedTokenizer(TokenizerConfig(steps_per_quarter=steps_per_quarter, max_duration=max_duration))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, steps_per_quarter=steps_per_quarter, max_duration=max_duration))
     score = make_score(SYNTHETIC[case], steps_per_quarter=steps_per_quarter, **(CHANGES if with_changes else {}))
     assert roundtrip(tokenizer, score) == expected_notes(SYNTHETIC[case], max_duration)
 
@@ -281,12 +295,12 @@ def test_synthetic_round_trip_is_exact(case: str, steps_per_quarter: int, max_du
 def test_round_trip_through_a_file_with_drums(tmp_path: Path) -> None:
     melody, drums = [(0, 60, 4), (4, 62, 4)], [(0, 36, 1), (0, 42, 1), (2, 42, 1), (4, 38, 1)]
     path = write_score(tmp_path / "band.midi", make_score([melody], drum_tracks=[drums]))
-    assert roundtrip(SeedTokenizer(), path) == set(melody)
-    assert roundtrip(SeedTokenizer(TokenizerConfig(keep_drums=True)), path) == set(melody) | set(drums)
+    assert roundtrip(load_tokenizer(SINGLE_STREAM), path) == set(melody)
+    assert roundtrip(load_tokenizer(replace(SINGLE_STREAM, keep_drums=True)), path) == set(melody) | set(drums)
 
 
 def test_same_pitch_same_onset_is_merged_longest_first() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     score = make_score([[(0, 60, 4), (8, 62, 2)], [(0, 60, 8), (8, 62, 2), (8, 64, 1)]])
     sparse = tokenizer.sparse_score(score)
     assert sparse.notes() == {(0, 60, 8), (8, 62, 2), (8, 64, 1)} and sparse.merged_notes == 2
@@ -294,7 +308,7 @@ def test_same_pitch_same_onset_is_merged_longest_first() -> None:
 
 
 def test_unisons_can_be_kept_apart() -> None:
-    tokenizer = SeedTokenizer(TokenizerConfig(merge_unisons=False))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, merge_unisons=False))
     score = make_score([[(0, 60, 4), (8, 62, 2)], [(0, 60, 8), (8, 62, 2), (8, 64, 1)]])
     sparse = tokenizer.sparse_score(score)
     assert list(zip(sparse.steps.tolist(), sparse.pitches.tolist(), sparse.durations.tolist())) == [
@@ -307,7 +321,7 @@ def test_unisons_can_be_kept_apart() -> None:
     assert [len(track.notes) for track in decoded.tracks] == [3, 2]  # the second of each unison on its own track
     assert grid_note_counts(symusic.Score.from_midi(decoded.dumps_midi()), 8) == grid_note_counts(score, 8)
     # a tokenizer that merges reads the same tokens as two notes fewer
-    assert SeedTokenizer().decode_sparse(sequence.tokens).merged_notes == 2
+    assert load_tokenizer(SINGLE_STREAM).decode_sparse(sequence.tokens).merged_notes == 2
 
 
 @pytest.mark.parametrize("ticks_per_quarter", [1, 96, 100, 384, 480, 960, 10080])
@@ -316,7 +330,7 @@ def test_any_ticks_per_quarter(ticks_per_quarter: int) -> None:
     track = symusic.Track("t")
     track.notes = tick_notes([(0, 60, ticks_per_quarter), (ticks_per_quarter // 2, 64, ticks_per_quarter * 3), (ticks_per_quarter * 5, 67, 1)])
     score.tracks.append(track)
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     assert roundtrip(tokenizer, score) == grid_notes_of(score, 8)
 
 
@@ -326,10 +340,10 @@ def test_type_0_file_with_drums_on_channel_10(tmp_path: Path) -> None:
     path = tmp_path / "type0.mid"
     path.write_bytes(type0_midi(notes, tpq, numerator=3, denominator=4))
     assert symusic.Score(str(path)).tracks  # symusic reads it
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     sequence = tokenizer.encode(path)
     assert grid_notes_of(tokenizer.decode(sequence), 8) == {(0, 60, 4), (0, 48, 8), (4, 62, 4)}
-    kept = SeedTokenizer(TokenizerConfig(keep_drums=True))
+    kept = load_tokenizer(replace(SINGLE_STREAM, keep_drums=True))
     assert grid_notes_of(kept.decode(kept.encode(path)), 8) == {(0, 60, 4), (0, 48, 8), (4, 62, 4), (0, 36, 1), (4, 38, 1)}
     assert sequence.grid is not None and [(c.numerator, c.denominator) for c in sequence.grid.time_signatures()] == [(3, 4)]
 
@@ -337,7 +351,7 @@ def test_type_0_file_with_drums_on_channel_10(tmp_path: Path) -> None:
 def test_every_kind_of_source_encodes_the_same(tmp_path: Path) -> None:
     score = make_score(SYNTHETIC["chords"])
     path = write_score(tmp_path / "chords.mid", score)
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     reference = tokenizer.encode(path).tokens
     for source in (str(path), path.read_bytes(), score, read_notes(path)):
         np.testing.assert_array_equal(tokenizer.encode(source).tokens, reference)  # type: ignore[arg-type]
@@ -350,7 +364,7 @@ def test_every_kind_of_source_encodes_the_same(tmp_path: Path) -> None:
 def test_unusable_scores_name_the_file(tmp_path: Path, tracks: list, drums: list, reason: str) -> None:
     path = write_score(tmp_path / "bad.mid", make_score(tracks or [[]], ticks_per_step=1, drum_tracks=drums))
     with pytest.raises(BadMidiError, match=reason) as caught:
-        SeedTokenizer().encode(path)
+        load_tokenizer(SINGLE_STREAM).encode(path)
     assert str(path) in str(caught.value)
 
 
@@ -360,11 +374,11 @@ def test_zero_ticks_per_quarter_is_a_bad_file(tmp_path: Path) -> None:
     path = tmp_path / "zero.mid"
     path.write_bytes(bytes(data))
     with pytest.raises(BadMidiError, match="0 ticks per quarter"):
-        SeedTokenizer().encode(path)
+        load_tokenizer(SINGLE_STREAM).encode(path)
 
 
 def test_empty_scores_pass_through_every_stage() -> None:
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     sparse = tokenizer.decode_sparse(np.array([Vocab.SOS, Vocab.EOS]))
     assert len(sparse) == 0 and sparse.to_dense().shape == (0, 128)
     assert tokenizer.position_score(sparse).rows.shape == (0, 3)
@@ -377,7 +391,7 @@ def test_overlapping_notes_of_one_pitch_survive_a_midi_file() -> None:
     """A note that starts while another of its pitch sounds goes to a track of its own: in one track a
     reader would pair the note-offs with the wrong notes."""
     notes = [(0, 60, 16), (4, 60, 4), (6, 60, 20), (16, 60, 2), (30, 64, 8), (32, 64, 8)]  # A B C D E F
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     score = tokenizer.decode(tokenizer.encode(make_score([notes])))
     assert [track.note_num() for track in score.tracks] == [3, 2, 1]  # 60: A, D | B | C; 64: E | F
     assert len({track.program for track in score.tracks}) == 1
@@ -388,7 +402,7 @@ def test_overlapping_notes_of_one_pitch_survive_a_midi_file() -> None:
 def assert_only_merges_are_lost(path: Path, steps_per_quarter: int) -> float:
     """Every quantised note comes back identical unless a longer note shares its onset and pitch
     (the documented merge); returns the share of notes that came back."""
-    tokenizer = SeedTokenizer(TokenizerConfig(steps_per_quarter=steps_per_quarter))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, steps_per_quarter=steps_per_quarter))
     expected = {(s, p, min(d, 256)) for s, p, d in grid_notes_of(symusic.Score(str(path)), steps_per_quarter)}
     back = roundtrip(tokenizer, path)
     assert back <= expected, "the round trip invented notes"
@@ -416,7 +430,7 @@ def test_bundled_corpora_lose_only_merged_notes(corpus_files: list[Path]) -> Non
 def test_with_unisons_kept_every_note_of_real_files_comes_back(prompt_files: list[Path], corpus_files: list[Path],
                                                                steps_per_quarter: int) -> None:
     """Every note on the grid, as often as the file has it, comes back identical (durations clamped to 256)."""
-    tokenizer = SeedTokenizer(TokenizerConfig(steps_per_quarter=steps_per_quarter, merge_unisons=False))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, steps_per_quarter=steps_per_quarter, merge_unisons=False))
     unisons = 0
     for path in prompt_files + corpus_files:
         expected: Counter[GridNote] = Counter()

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SINGLE_STREAM
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import load_tokenizer
 from midigen.inference.generate import generate, load_prompt
-from midigen.inference.grammar import Grammar
 from midigen.inference.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model.memory import KnnMemory, MemoryState
@@ -29,6 +29,7 @@ CPU = torch.device("cpu")
 
 
 def segments(count: int, lanes: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Random tokens (lanes, length + 1), with their bars and beats."""
     g = torch.Generator().manual_seed(0)
     return [(torch.randint(4, 388, (lanes, length + 1), generator=g), torch.randint(0, 8, (lanes, length + 1), generator=g),
              torch.randint(0, 64, (lanes, length + 1), generator=g)) for _ in range(count)]
@@ -54,7 +55,7 @@ def test_knn_search_on_the_device_equals_faiss_on_the_cpu() -> None:
 def test_training_steps_on_the_device_equal_the_cpu_ones(mode: str, knn_device: torch.device) -> None:
     """Attention (SDPA with the bias's gradient there, CpuAttention here), the memories and the retrieval, with the
     kNN stores on the device or in CPU memory."""
-    config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode, dropout=0.0, attn_dropout=0.0)
+    config = ModelConfig.preset("tiny", SINGLE_STREAM, memory=mode, dropout=0.0, attn_dropout=0.0)
     results = []
     for device in (CPU, DEVICE):
         torch.manual_seed(0)
@@ -63,7 +64,8 @@ def test_training_steps_on_the_device_equal_the_cpu_ones(mode: str, knn_device: 
         losses = []
         for tokens, bars, beats in segments(4, 2, config.context):
             tokens, bars, beats = tokens.to(device), bars.to(device), beats.to(device)
-            output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
+            output = memory.forward(model, tokens[:, :-1], {"bars": bars[:, :-1], "beats": beats[:, :-1]},
+                                    targets=tokens[:, 1:],
                                     new_song=torch.zeros(2, dtype=torch.bool, device=device))
             output.loss.backward()
             losses.append(output.loss.item())
@@ -79,7 +81,7 @@ def test_training_steps_on_the_device_equal_the_cpu_ones(mode: str, knn_device: 
 def test_train_resume_and_generate_on_the_device(mode: str, location: str, prompt_store: Path, tmp_path: Path) -> None:
     """The token store and the kNN stores on the GPU, in CPU memory, or wherever they fit."""
     run = tmp_path / mode
-    model_config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode, context=32)
+    model_config = ModelConfig.preset("tiny", SINGLE_STREAM, memory=mode, context=32)
     if DEVICE.type != "cuda" and location == "gpu":
         pytest.skip("the gpu data location needs CUDA")
     settings = dict(batch_size=3, eval_interval=4, log_interval=2, warmup_steps=2, device=DEVICE.type,
@@ -88,7 +90,7 @@ def test_train_resume_and_generate_on_the_device(mode: str, location: str, promp
     result, _ = train(prompt_store, run, None, TrainConfig(max_steps=8, **settings), resume=True, progress=False)
     assert result.step == 8 and np.isfinite(result.val["val_loss"])
     trained = load_model(run, DEVICE.type)
-    tokenizer = SeedTokenizer(TokenizerConfig())
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     prompt = load_prompt(sorted((Path(__file__).parent / "data" / "prompts").glob("*.mid"))[0], 100, tokenizer)
     generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)
-    assert Grammar(tokenizer.config).check(generation.sequence.tokens) is None
+    assert tokenizer.grammar.check(generation.sequence.tokens) is None

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import SINGLE_STREAM
 from midi_factory import make_score, million_note_score, write_score
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import load_tokenizer
 from midigen.codec import sandbox
 from midigen.data import encode as encode_module
 from midigen.data.encode import encode_files, input_paths
@@ -94,7 +95,7 @@ EXPECTED_REASONS = {
 
 
 def test_bad_inputs_are_skipped_with_their_reason(tmp_path: Path, bad_inputs: dict[str, Path]) -> None:
-    summary = encode_files(list(bad_inputs.values()), tmp_path / "store", workers=2, progress=False)
+    summary = encode_files(list(bad_inputs.values()), tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     report = summary.report
     reasons = dict(summary.skipped_now)
     for case, expected in EXPECTED_REASONS.items():
@@ -106,21 +107,21 @@ def test_bad_inputs_are_skipped_with_their_reason(tmp_path: Path, bad_inputs: di
     encoded = {Path(song.path).name: song for song in store.songs}
     assert set(encoded) == {"good.mid", "drone.mid", "million.mid"}
     assert encoded["million.mid"].notes == 1_000_000 and encoded["million.mid"].length == 4 * 1_000_000
-    drone = SeedTokenizer(store.config).decode_sparse(store.song(store.songs.index(encoded["drone.mid"])).tokens)
+    drone = load_tokenizer(store.config).decode_sparse(store.song(store.songs.index(encoded["drone.mid"])).tokens)
     assert drone.notes() == {(0, 48, store.config.max_duration), (2, 60, 4)}  # the hour is clamped
 
 
 def test_a_file_that_fails_when_tokenised_together_fails_alone(bad_inputs: dict[str, Path]) -> None:
     """Files are parsed one by one, then tokenised together: a file that fails there is skipped, not its batch."""
     names = ("good", "beyond the grid", "hour-long note", "no notes", "million notes")
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     results = sandbox.encode_together([str(bad_inputs[name]) for name in names], tokenizer)
     assert results[1] == sandbox.Skip(EXPECTED_REASONS["beyond the grid"])
     assert results[3] == sandbox.Skip("no notes")
     for name, result in zip(names, results):
         if name in ("good", "hour-long note", "million notes"):
             assert isinstance(result, sandbox.EncodedSong)
-            np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(bad_inputs[name]).tokens)
+            np.testing.assert_array_equal(result.sequence(tokenizer).tokens, tokenizer.encode(bad_inputs[name]).tokens)
 
 
 def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,22 +137,22 @@ def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", open_unless_locked)  # inherited by the forked workers
-    summary = encode_files([locked, readable], tmp_path / "store", workers=2, progress=False)
+    summary = encode_files([locked, readable], tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     assert summary.skipped_now == [(str(locked), "permission denied")]
     assert [Path(song.path).name for song in TokenStore(tmp_path / "store").songs] == ["readable.mid"]
 
 
-def fail_on(name: str, failure: str) -> Callable[[str, bool], sandbox.ParsedFile | sandbox.Skip]:
+def fail_on(name: str, failure: str) -> Callable[[str], sandbox.ParsedFile | sandbox.Skip]:
     """A stand-in for `sandbox.parse_one` that crashes or hangs on the file called `name`."""
     real_parse_one = sandbox.parse_one
 
-    def parse_one(path: str, keep_drums: bool) -> sandbox.ParsedFile | sandbox.Skip:
+    def parse_one(path: str) -> sandbox.ParsedFile | sandbox.Skip:
         if Path(path).name == name:
             if failure == "crash":
                 faulthandler.disable()  # pytest's handler would print the crash; a parser's crash is silent
                 os.kill(os.getpid(), signal.SIGSEGV)
             time.sleep(60)
-        return real_parse_one(path, keep_drums)
+        return real_parse_one(path)
 
     return parse_one
 
@@ -165,11 +166,11 @@ def test_crashed_or_hung_parser_skips_only_its_file(
     # the forked workers inherit the stand-in
     victim = prompt_files[victim_index]
     monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, failure))
-    summary = encode_files(prompt_files, tmp_path / "store", workers=2, timeout_s=1, progress=False)
+    summary = encode_files(prompt_files, tmp_path / "store", SINGLE_STREAM, workers=2, timeout_s=1, progress=False)
     assert summary.skipped_now == [(str(victim), reason)]
     assert multiprocessing.active_children() == []  # every worker, the failed one included, has been reaped
     monkeypatch.undo()
-    reference = encode_files([p for p in prompt_files if p != victim], tmp_path / "reference", workers=1, progress=False)
+    reference = encode_files([p for p in prompt_files if p != victim], tmp_path / "reference", SINGLE_STREAM, workers=1, progress=False)
     assert songs_of(tmp_path / "store") == songs_of(reference.store)
 
 
@@ -180,15 +181,15 @@ def test_a_crash_mid_chunk_blames_one_file_and_retries_the_rest(
     paths = [str(p) for p in copy_prompts(prompt_files, tmp_path, copies=2)]
     victim = Path(paths[13])  # and its copy, paths[32]
     monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, "crash"))
-    results = list(sandbox.encode_in_workers(paths, TokenizerConfig(), workers=1))
+    results = list(sandbox.encode_in_workers(paths, SINGLE_STREAM, workers=1))
     assert [index for index, _ in results] == list(range(len(paths)))
-    tokenizer = SeedTokenizer()
+    tokenizer = load_tokenizer(SINGLE_STREAM)
     for index, result in results:
         if Path(paths[index]).name == victim.name:
             assert result == sandbox.Skip("parser crashed: SIGSEGV")
         else:
             assert isinstance(result, sandbox.EncodedSong)
-            np.testing.assert_array_equal(result.arrays()["tokens"], tokenizer.encode(paths[index]).tokens)
+            np.testing.assert_array_equal(result.sequence(tokenizer).tokens, tokenizer.encode(paths[index]).tokens)
 
 
 def test_workers_held_back_by_a_slow_file_go_on_once_it_is_done(
@@ -199,22 +200,22 @@ def test_workers_held_back_by_a_slow_file_go_on_once_it_is_done(
     paths = [str(p) for p in prompt_files]
     real_parse_one = sandbox.parse_one
 
-    def slow_first(path: str, keep_drums: bool) -> sandbox.ParsedFile | sandbox.Skip:
+    def slow_first(path: str) -> sandbox.ParsedFile | sandbox.Skip:
         if path == paths[0]:
             time.sleep(1)
-        return real_parse_one(path, keep_drums)
+        return real_parse_one(path)
 
     monkeypatch.setattr(sandbox, "parse_one", slow_first)
     monkeypatch.setattr(sandbox, "MAX_CHUNK", 1)
-    results = list(sandbox.encode_in_workers(paths, TokenizerConfig(), workers=2))
+    results = list(sandbox.encode_in_workers(paths, SINGLE_STREAM, workers=2))
     assert [index for index, _ in results] == list(range(len(paths)))
     assert all(isinstance(result, sandbox.EncodedSong) for _, result in results)
 
 
 def test_store_does_not_depend_on_the_number_of_workers(tmp_path: Path, prompt_files: list[Path]) -> None:
     inputs = copy_prompts(prompt_files, tmp_path / "in", copies=3)
-    one = encode_files(inputs, tmp_path / "one", workers=1, progress=False)
-    three = encode_files(inputs, tmp_path / "three", workers=3, progress=False)
+    one = encode_files(inputs, tmp_path / "one", SINGLE_STREAM, workers=1, progress=False)
+    three = encode_files(inputs, tmp_path / "three", SINGLE_STREAM, workers=3, progress=False)
     assert songs_of(one.store) == songs_of(three.store)
     assert one.report == three.report and one.report["encoded"] == len(inputs)
 
@@ -223,7 +224,7 @@ def test_interrupted_encode_resumes_without_redoing_anything(
     tmp_path: Path, prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inputs = copy_prompts(prompt_files, tmp_path / "in", copies=2)
-    reference = encode_files(inputs, tmp_path / "reference", workers=2, progress=False)
+    reference = encode_files(inputs, tmp_path / "reference", SINGLE_STREAM, workers=2, progress=False)
     real_record = encode_module._record
     recorded: list[str] = []
 
@@ -235,11 +236,11 @@ def test_interrupted_encode_resumes_without_redoing_anything(
 
     monkeypatch.setattr(encode_module, "_record", record_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+        encode_files(inputs, tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     partial = TokenStore(tmp_path / "store")
     assert not partial.complete and [s.path for s in partial.songs] == recorded
     monkeypatch.undo()
-    resumed = encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+    resumed = encode_files(inputs, tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     assert resumed.already_done == 11 and resumed.new_songs == len(inputs) - 11
     assert songs_of(tmp_path / "store") == songs_of(reference.store)
     assert resumed.report == reference.report
@@ -251,9 +252,9 @@ from midigen.codec import sandbox
 from midigen.data import encode
 from midigen.cli.main import main
 real = sandbox.parse_one
-def slow(path, keep_drums):
+def slow(path):
     time.sleep(0.02)
-    return real(path, keep_drums)
+    return real(path)
 sandbox.parse_one = slow
 encode.FLUSH_INTERVAL_S = 0  # write each song's row as soon as it is done
 sys.exit(main(sys.argv[1:]))
@@ -263,7 +264,7 @@ sys.exit(main(sys.argv[1:]))
 def test_killed_encode_resumes_to_the_same_store(tmp_path: Path, prompt_files: list[Path]) -> None:
     inputs = copy_prompts(prompt_files, tmp_path / "in", copies=6)
     store = tmp_path / "store"
-    command = [sys.executable, "-c", KILLABLE_ENCODE, "encode", str(tmp_path / "in"), "-o", str(store), "--workers", "2", "--quiet"]
+    command = [sys.executable, "-c", KILLABLE_ENCODE, "encode", str(tmp_path / "in"), "-o", str(store), "--workers", "2", "--single-stream", "--quiet"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     songs_file = store / "songs.jsonl"
     deadline = time.monotonic() + 30
@@ -273,9 +274,9 @@ def test_killed_encode_resumes_to_the_same_store(tmp_path: Path, prompt_files: l
     process.wait()
     written = TokenStore(store)
     assert not written.complete and 20 <= len(written) < len(inputs)
-    resumed = encode_files([tmp_path / "in"], store, workers=2, progress=False)
+    resumed = encode_files([tmp_path / "in"], store, SINGLE_STREAM, workers=2, progress=False)
     assert resumed.already_done == len(written) and resumed.report["skipped_count"] == 0
-    reference = encode_files([tmp_path / "in"], tmp_path / "reference", workers=2, progress=False)
+    reference = encode_files([tmp_path / "in"], tmp_path / "reference", SINGLE_STREAM, workers=2, progress=False)
     assert songs_of(store) == songs_of(reference.store)
     assert (store / "tokens.bin").stat().st_size == 2 * resumed.report["tokens"]
 
@@ -284,7 +285,7 @@ HANGING_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
 from midigen.cli.main import main
-sandbox.parse_one = lambda path, keep_drums: time.sleep(600)
+sandbox.parse_one = lambda path: time.sleep(600)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -312,7 +313,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_die_with_a_killed_encode(tmp_path: Path, prompt_files: list[Path]) -> None:
     # killing only the encoding process, while its workers are stuck in a parse that never ends
-    command = [sys.executable, "-c", HANGING_ENCODE, "encode", *map(str, prompt_files), "-o", str(tmp_path / "store"), "--workers", "2", "--quiet"]
+    command = [sys.executable, "-c", HANGING_ENCODE, "encode", *map(str, prompt_files), "-o", str(tmp_path / "store"), "--workers", "2", "--single-stream", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while len(workers := children_of(process.pid)) < 2 and time.monotonic() < deadline:
@@ -333,7 +334,7 @@ def test_duplicates_and_repeated_inputs(tmp_path: Path, prompt_files: list[Path]
         shutil.copy(prompt_files[0], path)
     (tmp_path / "in" / "notes.txt").write_text("not MIDI, not looked at")
     inputs = [tmp_path / "in", tmp_path / "in", original, prompt_files[1]]
-    summary = encode_files(inputs, tmp_path / "store", workers=2, progress=False)
+    summary = encode_files(inputs, tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     assert [Path(song.path) for song in TokenStore(summary.store).songs] == [original, prompt_files[1]]
     assert summary.skipped_now == [(str(twin), f"duplicate: same content as {original}")]
 
@@ -349,9 +350,9 @@ def test_input_paths_are_absolute_recursive_sorted_and_unique(tmp_path: Path, mo
 
 
 def test_rerun_on_a_finished_store_changes_nothing(tmp_path: Path, prompt_files: list[Path]) -> None:
-    first = encode_files(prompt_files[:4], tmp_path / "store", workers=2, progress=False)
+    first = encode_files(prompt_files[:4], tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
-    again = encode_files(prompt_files[:4], tmp_path / "store", workers=2, progress=False)
+    again = encode_files(prompt_files[:4], tmp_path / "store", SINGLE_STREAM, workers=2, progress=False)
     assert again.new_songs == 0 and again.already_done == 4 and again.report == first.report
     assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
     assert json.loads((tmp_path / "store" / "report.json").read_text()) == first.report

@@ -49,17 +49,20 @@ def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path,
     for song in store.split_indices("val"):
         sequence = store.song(song)
         for start in range(0, len(sequence) - 1, context):
-            inputs = [torch.as_tensor(x[start : start + context]).view(1, -1) for x in (sequence.tokens, sequence.bars, sequence.beats)]
+            window = sequence.slice(slice(start, start + context))
+            tokens = torch.as_tensor(window.tokens).view(1, -1)
+            features = {name: torch.as_tensor(window.features[name]).view(1, -1) for name in ("bars", "beats")}
             expected = torch.as_tensor(sequence.tokens[start + 1 : start + 1 + context])
             with torch.no_grad():
-                log_probs = torch.log_softmax(model(*inputs).logits[0, : len(expected)].double(), -1)
+                log_probs = torch.log_softmax(model(tokens, features).logits[0, : len(expected)].double(), -1)
             nll.append(-log_probs.gather(1, expected.view(-1, 1)).squeeze(1).numpy())
             targets.append(expected.numpy())
     nll_all, target_all = np.concatenate(nll), np.concatenate(targets)
     assert figures["tokens"] == len(target_all)
     assert figures["nll"] == pytest.approx(nll_all.mean(), rel=1e-5)
-    types = {"note": (target_all >= vocab.note_offset) & (target_all < vocab.duration_offset),
-             "duration": target_all >= vocab.duration_offset, "sep": target_all == 3}
+    notes, durations = vocab.ids_of("note"), vocab.ids_of("duration")
+    types = {"note": (target_all >= notes.start) & (target_all < notes.stop),
+             "duration": target_all >= durations.start, "sep": target_all == 3}
     for name, mask in types.items():
         assert mask.any() and figures["nll_by_type"][name] == pytest.approx(nll_all[mask].mean(), rel=1e-5), name
     split_total = figures["recall_nll"] * figures["recall_tokens"] + figures["other_nll"] * (len(target_all) - figures["recall_tokens"])

@@ -5,34 +5,35 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import symusic
+from conftest import SINGLE_STREAM
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import GrammarTables, load_tokenizer
 from midigen.cli.main import main
 from midigen.codec.midi_io import CONTINUATION_MARKER
 from midigen.errors import BadMidiError, MidigenError
 from midigen.evaluation.render import find_fluidsynth, find_soundfont
-from midigen.inference.generate import empty_prompt, generate, generate_batch, generation_score, is_note, load_prompt
-from midigen.inference.grammar import Grammar
+from midigen.inference.generate import empty_prompt, generate, generate_batch, generation_score, load_prompt
 from midigen.inference.sampling import SamplingConfig
 from midigen.inference.model_files import load_model
 
-TOKENIZER = SeedTokenizer(TokenizerConfig())
+TOKENIZER = load_tokenizer(SINGLE_STREAM)
 FUER_ELISE = Path(__file__).parent / "data" / "prompts" / "Fuer_Elise_-_Ludwig_Van_Beethoven_-_Verse.mid"
 
 
 def test_real_songs_follow_the_grammar(prompt_files: list[Path]) -> None:
-    grammar = Grammar(TOKENIZER.config)
+    grammar = TOKENIZER.grammar
     for path in prompt_files:
         assert grammar.check(TOKENIZER.encode(path).tokens) is None, path
 
 
 def test_grammar_rejects_what_cannot_decode() -> None:
-    vocab, grammar = TOKENIZER.vocab, Grammar(TOKENIZER.config)
+    vocab, grammar = TOKENIZER.vocab, TOKENIZER.grammar
     note, dur = vocab.note(60), vocab.duration(4)
     assert grammar.check([1, note, note]) == 2  # a note needs its duration
     assert grammar.check([1, note, dur, vocab.note(64)]) == 3  # a group goes from high to low pitch
@@ -44,21 +45,21 @@ def test_grammar_rejects_what_cannot_decode() -> None:
 def test_grammar_repeats_a_pitch_only_where_unisons_are_kept(prompt_files: list[Path]) -> None:
     vocab = TOKENIZER.vocab
     top, dur = vocab.note(127), vocab.duration(4)
-    keeping = TokenizerConfig(merge_unisons=False)
-    assert Grammar(TOKENIZER.config).check([1, top, dur, top, dur]) == 3
-    assert Grammar(keeping).check([1, top, dur, top, dur]) is None
-    assert Grammar(keeping).check([1, vocab.note(60), dur, vocab.note(61)]) == 3  # still from high to low
-    assert Grammar(keeping).check([1, dur]) == 1  # a group starts with a note, not a duration
-    tokenizer = SeedTokenizer(keeping)
+    keeping = replace(SINGLE_STREAM, merge_unisons=False)
+    assert TOKENIZER.grammar.check([1, top, dur, top, dur]) == 3
+    assert GrammarTables(keeping).check([1, top, dur, top, dur]) is None
+    assert GrammarTables(keeping).check([1, vocab.note(60), dur, vocab.note(61)]) == 3  # still from high to low
+    assert GrammarTables(keeping).check([1, dur]) == 1  # a group starts with a note, not a duration
+    tokenizer = load_tokenizer(keeping)
     for path in prompt_files:
-        assert Grammar(keeping).check(tokenizer.encode(path).tokens) is None, path
+        assert GrammarTables(keeping).check(tokenizer.encode(path).tokens) is None, path
 
 
 def test_200_generations_decode_to_midi_with_notes(tiny_run: Path) -> None:
     """Greedy, a temperature so small that dividing by it overflows, cold to very hot, top-k and top-p: 20 lanes of
     80 tokens each, from nothing and from a real prompt."""
     trained = load_model(tiny_run)
-    grammar = Grammar(TOKENIZER.config)
+    grammar = TOKENIZER.grammar
     settings = [SamplingConfig(temperature=t, seed=i) for i, t in enumerate((0.0, 1e-45, 1e-5, 0.1, 1.0, 2.0, 5.0))]
     settings += [SamplingConfig(top_k=1, seed=8), SamplingConfig(top_p=0.5, seed=9),
                  SamplingConfig(temperature=3.0, top_k=20, top_p=0.9, seed=10)]
@@ -108,7 +109,7 @@ def test_prompt_longer_than_the_context_slides(tiny_run: Path, prompt_files: lis
     prompt = load_prompt(longest, 100, TOKENIZER)
     assert len(prompt.sequence) > trained.model_config.context
     generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=2 * trained.model_config.context)
-    assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
+    assert TOKENIZER.grammar.check(generation.sequence.tokens) is None
 
 
 def midigen(*args: str) -> subprocess.CompletedProcess[str]:
@@ -173,7 +174,7 @@ def test_a_prompt_of_only_rests_is_refused_and_one_note_is_enough(tmp_path: Path
     with pytest.raises(BadMidiError, match="the first 2 bar"):
         load_prompt(rest, 2, TOKENIZER)  # <sos>, <sep>, the rest's length: a duration token, not a note
     prompt = load_prompt(rest, 3, TOKENIZER)
-    assert is_note(prompt.sequence.tokens, TOKENIZER.vocab).any()
+    assert TOKENIZER.sounding()[prompt.sequence.tokens].any()
     assert (prompt.sequence.steps[2:] >= 2 * 24).all()  # after <sos>, <sep>: the rest's length, then bar 3's notes
 
 

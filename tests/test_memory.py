@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SINGLE_STREAM
 
-from midigen.codec import SeedTokenizer, TokenizerConfig
+from midigen.codec import load_tokenizer
 from midigen.codec.config import NUM_PITCHES, Vocab
 from midigen.data.batching import RandomChunks, SongLanes, TokenArrays, draw_shifts, resolve_location
 from midigen.data.store import TokenStore
 from midigen.errors import MidigenError
 from midigen.inference.generate import MemoryDecoder, empty_prompt, generate, load_prompt
-from midigen.inference.grammar import Grammar
 from midigen.inference.sampling import SamplingConfig
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model import memory as memory_module
@@ -31,29 +31,40 @@ from midigen.training.config import TrainConfig
 from midigen.inference.model_files import load_model
 from midigen.training.recipe import train
 
-TOKENIZER = SeedTokenizer(TokenizerConfig())
+TOKENIZER = load_tokenizer(SINGLE_STREAM)
 
 
 def tiny(memory: str, **overrides: object) -> MusicTransformer:
     torch.manual_seed(0)
-    return MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig(), memory=memory, **overrides)).eval()
+    return MusicTransformer(ModelConfig.preset("tiny", SINGLE_STREAM, memory=memory, **overrides)).eval()
 
 
-def segment_inputs(T: int, B: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Features = dict[str, torch.Tensor]
+
+
+def segment_inputs(T: int, B: int = 1, seed: int = 0) -> tuple[torch.Tensor, Features]:
+    """Random tokens (B, T) and their `bars` and `beats` features."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 388, (B, T), generator=g), torch.randint(0, 8, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g)
+    tokens, bars = torch.randint(4, 388, (B, T), generator=g), torch.randint(0, 8, (B, T), generator=g)
+    return tokens, {"bars": bars, "beats": torch.randint(0, 64, (B, T), generator=g)}
+
+
+def cut(features: Features, window: slice) -> Features:
+    """The features of the tokens in `window` (of the last dimension)."""
+    return {name: value[..., window] for name, value in features.items()}
 
 
 def test_xl_segments_equal_one_forward_with_the_banded_mask() -> None:
     """Segment 2 attends to all of segment 1 (the memory) and causally to itself; segment 1 only to itself."""
     model = tiny("xl", n_layers=1, knn_layer=0, context=16)
     T = 16
-    tokens, bars, beats = segment_inputs(2 * T, B=2)
+    tokens, features = segment_inputs(2 * T, B=2)
     memory = MemoryState(model.config, 2, torch.device("cpu"))
     with torch.no_grad():
-        first = memory.forward(model, tokens[:, :T], bars[:, :T], beats[:, :T], new_song=torch.ones(2, dtype=torch.bool))
-        second = memory.forward(model, tokens[:, T:], bars[:, T:], beats[:, T:], new_song=torch.zeros(2, dtype=torch.bool))
-        x = model.tok_emb(tokens) + model.bar_emb(bars % model.config.num_bars) + model.beat_emb(beats)
+        first = memory.forward(model, tokens[:, :T], cut(features, slice(None, T)), new_song=torch.ones(2, dtype=torch.bool))
+        second = memory.forward(model, tokens[:, T:], cut(features, slice(T, None)), new_song=torch.zeros(2, dtype=torch.bool))
+        bars, beats = model.feature_emb["bars"], model.feature_emb["beats"]
+        x = model.tok_emb(tokens) + bars(features["bars"] % bars.num_embeddings) + beats(features["beats"])
         buckets, _ = model.attention_layout(2 * T, None, torch.device("cpu"))
         q = torch.arange(2 * T).view(-1, 1)
         k = torch.arange(2 * T).view(1, -1)
@@ -207,9 +218,10 @@ def test_memory_trains_under_bf16_autocast(mode: str, device: str) -> None:
         memory = MemoryState(model.config, 2, torch.device(device))
         logits = []
         for segment in range(4):  # the kNN memory is searched from the third segment on
-            tokens, bars, beats = (t.to(device) for t in segment_inputs(model.config.context + 1, B=2, seed=segment))
+            tokens, features = segment_inputs(model.config.context + 1, B=2, seed=segment)
+            tokens, features = tokens.to(device), {name: value.to(device) for name, value in features.items()}
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                output = memory.forward(model, tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:],
+                output = memory.forward(model, tokens[:, :-1], cut(features, slice(None, -1)), targets=tokens[:, 1:],
                                         new_song=torch.full((2,), segment == 0, device=device))
             output.loss.backward()
             assert output.logits.dtype == (torch.bfloat16 if autocast else torch.float32)
@@ -232,9 +244,9 @@ def test_memory_trains_under_bf16_autocast(mode: str, device: str) -> None:
 def test_saved_memory_holds_only_what_was_written() -> None:
     model = tiny("knn", context=16)  # a kNN store of 4,096 entries per lane
     memory = MemoryState(model.config, 2, torch.device("cpu"))
-    tokens, bars, beats = segment_inputs(16, B=2)
+    tokens, features = segment_inputs(16, B=2)
     with torch.no_grad():
-        memory.forward(model, tokens, bars, beats, new_song=torch.ones(2, dtype=torch.bool))
+        memory.forward(model, tokens, features, new_song=torch.ones(2, dtype=torch.bool))
     saved = io.BytesIO()
     torch.save(memory.state_dict(), saved)
     written = sum(t.numel() * t.element_size() for t in memory.knn.state_dict().values())
@@ -275,17 +287,17 @@ def test_memory_decoder_computes_what_training_computes(prompt_files: list[Path]
     """Token-by-token generation with memory gives the logits of the segmented training forward."""
     model = tiny("knn", context=16)
     sequence = TOKENIZER.encode(prompt_files[0])
-    tokens, bars, beats = (torch.as_tensor(a[:80]).view(1, -1) for a in (sequence.tokens, sequence.bars, sequence.beats))
+    tokens = torch.as_tensor(sequence.tokens[:80]).view(1, -1)
+    features = {name: torch.as_tensor(sequence.features[name][:80]).view(1, -1) for name in ("bars", "beats")}
     memory = MemoryState(model.config, 1, torch.device("cpu"))
     with torch.no_grad():
         expected = torch.cat([
-            memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16]).logits
+            memory.forward(model, tokens[:, s : s + 16], cut(features, slice(s, s + 16))).logits
             for s in range(0, 80, 16)
         ], 1)[0]
     decoder = MemoryDecoder(model)
-    first = decoder(sequence.tokens[:21], sequence.bars[:21], sequence.beats[:21])  # a prompt over a segment long
-    got = [first] + [decoder(sequence.tokens[t : t + 1], sequence.bars[t : t + 1], sequence.beats[t : t + 1])
-                     for t in range(21, 80)]
+    first = decoder(sequence.slice(slice(0, 21)))  # a prompt over a segment long
+    got = [first] + [decoder(sequence.slice(slice(t, t + 1))) for t in range(21, 80)]
     torch.testing.assert_close(torch.stack(got), expected[20:], atol=1e-4, rtol=0)
     # of the five finished segments, the newest is in the XL window and the four before it in the kNN memory
     assert int(decoder.memory.knn.sizes()[0]) == 64
@@ -303,11 +315,12 @@ def epoch_of(store: TokenStore, mode: str, lanes: int, context: int = 32, seed: 
 def shift_of(row: np.ndarray, original: np.ndarray, vocab: Vocab) -> int | None:
     """The one interval by which `row` moves the notes of `original` (None: no notes), asserting that every
     other token (durations, gaps, separators, specials, padding) is untouched and every note stays a note."""
-    is_note = (original >= vocab.note_offset) & (original < vocab.duration_offset)
+    notes = vocab.ids_of("note")
+    is_note = (original >= notes.start) & (original < notes.stop)
     assert np.array_equal(row[~is_note], original[~is_note])
     moved = np.unique(row[is_note] - original[is_note])
     assert len(moved) <= 1, f"the notes of one row moved by {moved}"
-    assert ((row[is_note] >= vocab.note_offset) & (row[is_note] < vocab.duration_offset)).all()  # pitch 0..127
+    assert ((row[is_note] >= notes.start) & (row[is_note] < notes.stop)).all()  # pitch 0..127
     return int(moved[0]) if len(moved) else None
 
 
@@ -389,7 +402,7 @@ def test_song_lanes_cover_every_token_once(prompt_store: Path, mode: str) -> Non
     everything = np.concatenate([store.song(i).tokens[1:] for i in range(len(store))])
     # transposition shifts notes, so compare the multiset of non-note tokens and the count of notes
     vocab = store.config.vocab
-    is_note = lambda t: (t >= vocab.note_offset) & (t < vocab.duration_offset)  # noqa: E731
+    is_note = lambda t: vocab.family_of("note")[t]  # noqa: E731
     assert np.array_equal(np.sort(seen[~is_note(seen)]), np.sort(everything[~is_note(everything)]))
     assert is_note(seen).sum() == is_note(everything).sum()
     for batch in batches:  # each row is the named song from the given offset
@@ -455,7 +468,7 @@ def test_knn_memory_says_where_it_searches_once(caplog: pytest.LogCaptureFixture
 
 
 def test_knn_stores_go_where_the_data_location_says_and_auto_where_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = ModelConfig.preset("tiny", TokenizerConfig(), memory="knn")
+    config = ModelConfig.preset("tiny", SINGLE_STREAM, memory="knn")
     store = KnnMemory(4, config.n_heads, config.head_dim, config.knn_capacity, config.knn_top_k, torch.device("cpu"))
     needed = knn_store_bytes(config, 4)
     assert needed == store.keys.nbytes + store.values.nbytes
@@ -468,7 +481,7 @@ def test_knn_stores_go_where_the_data_location_says_and_auto_where_they_fit(monk
         assert knn_store_device("auto", config, 4, cuda) == expected
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("asked the GPU for no stores"))
     for memory in ("none", "xl"):  # no kNN stores to place
-        assert knn_store_device("auto", ModelConfig.preset("tiny", TokenizerConfig(), memory=memory), 4, cuda) == cuda
+        assert knn_store_device("auto", ModelConfig.preset("tiny", SINGLE_STREAM, memory=memory), 4, cuda) == cuda
 
 
 def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:
@@ -490,7 +503,7 @@ def test_song_lanes_resume_from_their_state(prompt_store: Path) -> None:
 @pytest.mark.parametrize("mode", ["xl", "knn"])
 def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store: Path, tmp_path: Path) -> None:
     run = tmp_path / mode
-    model_config = ModelConfig.preset("tiny", TokenizerConfig(), memory=mode, context=32)
+    model_config = ModelConfig.preset("tiny", SINGLE_STREAM, memory=mode, context=32)
     settings = dict(batch_size=3, eval_interval=4, log_interval=2, warmup_steps=2, device="cpu", eval_tokens=2000)
     train(prompt_store, run, model_config, TrainConfig(max_steps=4, **settings), progress=False)
     result, _ = train(prompt_store, run, None, TrainConfig(max_steps=8, **settings), resume=True, progress=False)
@@ -502,7 +515,7 @@ def test_train_resume_evaluate_and_generate_with_memory(mode: str, prompt_store:
     assert len(long_prompt.sequence) > 3 * 32
     for prompt in (long_prompt, empty_prompt(TOKENIZER)):
         generation = generate(trained, prompt, SamplingConfig(seed=0), new_tokens=100)
-        assert Grammar(TOKENIZER.config).check(generation.sequence.tokens) is None
+        assert TOKENIZER.grammar.check(generation.sequence.tokens) is None
 
 
 @pytest.mark.filterwarnings("error")  # a lane with fewer than k entries has no floor: no warning about it either
@@ -563,11 +576,11 @@ def test_retrieved_attention_is_a_gated_softmax_over_the_valid_neighbours() -> N
 
 def test_knn_memory_takes_the_tokens_that_leave_the_xl_window() -> None:
     model = tiny("knn", context=16)
-    tokens, bars, beats = segment_inputs(48, B=2)
+    tokens, features = segment_inputs(48, B=2)
     memory = MemoryState(model.config, 2, torch.device("cpu"))
     layer = model.config.knn_layer_index
     with torch.no_grad():
-        outputs = [memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16])
+        outputs = [memory.forward(model, tokens[:, s : s + 16], cut(features, slice(s, s + 16)))
                    for s in (0, 16, 32)]
     assert memory.knn is not None and memory.knn.sizes().tolist() == [32, 32]  # the newest segment is in XL only
     left = torch.cat([outputs[0].present[layer].keys, outputs[1].present[layer].keys], dim=2)  # (B, H, 32, D)
@@ -577,13 +590,13 @@ def test_knn_memory_takes_the_tokens_that_leave_the_xl_window() -> None:
 def test_a_write_that_evicts_the_neighbours_just_retrieved_leaves_the_gradients_alone() -> None:
     """The kNN layer reads its neighbours from the store during the backward pass, after the segment was written."""
     model = tiny("knn", context=16, knn_capacity=16)  # every segment written evicts all the store held
-    tokens, bars, beats = segment_inputs(65, B=2)
+    tokens, features = segment_inputs(65, B=2)
     memory = MemoryState(model.config, 2, torch.device("cpu"))
     with torch.no_grad():
         for s in (0, 16, 32):
-            memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16])
+            memory.forward(model, tokens[:, s : s + 16], cut(features, slice(s, s + 16)))
     untouched = copy.deepcopy(memory)
-    segment = tokens[:, 48:64], bars[:, 48:64], beats[:, 48:64]
+    segment = tokens[:, 48:64], cut(features, slice(48, 64))
     memory.forward(model, *segment, targets=tokens[:, 49:65]).loss.backward()
     assert memory.knn is not None and memory.knn.staged  # the segment is written, not yet stored
     written_then = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -600,16 +613,16 @@ def test_a_write_that_evicts_the_neighbours_just_retrieved_leaves_the_gradients_
 def test_a_lane_with_fewer_entries_than_k_trains_with_finite_gradients() -> None:
     """Missing neighbours weigh nothing, and their scores must not turn the temperature's gradient into NaN."""
     model = tiny("knn", context=16, knn_top_k=32).train()
-    tokens, bars, beats = segment_inputs(97, B=2)
+    tokens, features = segment_inputs(97, B=2)
     memory = MemoryState(model.config, 2, torch.device("cpu"))
     with torch.no_grad():
         for s in range(0, 80, 16):  # lane 1 starts a new song at the fourth segment
             new_song = torch.tensor([False, s == 48])
-            memory.forward(model, tokens[:, s : s + 16], bars[:, s : s + 16], beats[:, s : s + 16], new_song=new_song)
+            memory.forward(model, tokens[:, s : s + 16], cut(features, slice(s, s + 16)), new_song=new_song)
     assert memory.knn is not None
     sizes = memory.knn.sizes().tolist()
     assert sizes[0] > 32 > sizes[1] > 0  # lane 1 has fewer entries than the 32 searched for
-    loss = memory.forward(model, tokens[:, 80:96], bars[:, 80:96], beats[:, 80:96], targets=tokens[:, 81:97]).loss
+    loss = memory.forward(model, tokens[:, 80:96], cut(features, slice(80, 96)), targets=tokens[:, 81:97]).loss
     loss.backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import SINGLE_STREAM
 
 from midigen.cli.main import main
 from midigen.data.encode import Shard, encode_files
@@ -41,9 +43,9 @@ def store_content(root: Path) -> dict:
 
 
 def test_shards_merged_in_any_order_equal_one_encode(collection: Path, tmp_path: Path) -> None:
-    encode_files([collection], tmp_path / "whole", workers=2, progress=False)
+    encode_files([collection], tmp_path / "whole", SINGLE_STREAM, workers=2, progress=False)
     for index in range(3):
-        encode_files([collection], tmp_path / f"shard{index}", workers=2, progress=False, shard=Shard(index, 3))
+        encode_files([collection], tmp_path / f"shard{index}", SINGLE_STREAM, workers=2, progress=False, shard=Shard(index, 3))
     sizes = [len(TokenStore(tmp_path / f"shard{i}")) + len(TokenStore(tmp_path / f"shard{i}").skipped())
              for i in range(3)]
     assert max(sizes) - min(sizes) <= 1  # equal shares of the files
@@ -63,18 +65,16 @@ def test_shards_cover_every_file_once() -> None:
 
 @pytest.mark.parametrize("text", ["3", "a/b", "4/4", "-1/3", "0/0"])
 def test_bad_shard_is_one_line(text: str, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["encode", str(collection), "-o", str(tmp_path / "s"), f"--shard={text}", "--quiet"])
+    code = main(["encode", str(collection), "-o", str(tmp_path / "s"), f"--shard={text}", "--single-stream", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "shard" in err
 
 
 def test_merge_refuses_stores_it_cannot_join(collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                              ) -> None:
-    from midigen.codec import TokenizerConfig
-
-    encode_files([collection], tmp_path / "a", workers=2, progress=False, shard=Shard(0, 2))
-    encode_files([collection], tmp_path / "b", workers=2, progress=False, shard=Shard(1, 3))
-    encode_files([collection], tmp_path / "c", TokenizerConfig(steps_per_quarter=4), workers=2, progress=False)
+    encode_files([collection], tmp_path / "a", SINGLE_STREAM, workers=2, progress=False, shard=Shard(0, 2))
+    encode_files([collection], tmp_path / "b", SINGLE_STREAM, workers=2, progress=False, shard=Shard(1, 3))
+    encode_files([collection], tmp_path / "c", replace(SINGLE_STREAM, steps_per_quarter=4), workers=2, progress=False)
     unfinished = tmp_path / "unfinished"
     shutil.copytree(tmp_path / "a", unfinished)
     (unfinished / "report.json").unlink()
@@ -88,4 +88,4 @@ def test_merge_refuses_stores_it_cannot_join(collection: Path, tmp_path: Path, c
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (name, err)
         assert not (tmp_path / f"out-{name}").exists()
     with pytest.raises(MidigenError, match="another share"):
-        encode_files([collection], tmp_path / "a", workers=2, progress=False, shard=Shard(1, 2))
+        encode_files([collection], tmp_path / "a", SINGLE_STREAM, workers=2, progress=False, shard=Shard(1, 2))

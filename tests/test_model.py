@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SINGLE_STREAM
 
 from midigen.codec import TokenizerConfig
+from midigen.codec.tokenizer import TokenSequence
 from midigen.inference.generate import SlidingWindowDecoder
 from midigen.model import KV, PRESETS, ModelConfig, MusicTransformer
 from midigen.model import transformer as transformer_module
@@ -19,16 +21,24 @@ from midigen.training.config import TrainConfig
 
 def tiny(**overrides: object) -> MusicTransformer:
     torch.manual_seed(0)
-    return MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig(), **overrides)).eval()
+    return MusicTransformer(ModelConfig.preset("tiny", SINGLE_STREAM, **overrides)).eval()
 
 
-def random_inputs(T: int, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Features = dict[str, torch.Tensor]
+
+
+def random_inputs(T: int, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, Features]:
+    """Random tokens (B, T) and their `bars` and `beats` features."""
     g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randint(4, 388, (B, T), generator=g),
-        torch.randint(0, 40, (B, T), generator=g),
-        torch.randint(0, 64, (B, T), generator=g),
-    )
+    tokens = torch.randint(4, 388, (B, T), generator=g)
+    bars = torch.randint(0, 40, (B, T), generator=g)
+    beats = torch.randint(0, 64, (B, T), generator=g)
+    return tokens, {"bars": bars, "beats": beats}
+
+
+def cut(features: Features, window: slice) -> Features:
+    """The features of the tokens in `window` (of the last dimension)."""
+    return {name: value[..., window] for name, value in features.items()}
 
 
 def concat(past: list[KV] | None, present: list[KV]) -> list[KV]:
@@ -38,14 +48,15 @@ def concat(past: list[KV] | None, present: list[KV]) -> list[KV]:
 @pytest.mark.parametrize("use_bar_beat", [True, False])
 @pytest.mark.parametrize("first_chunk", [1, 13])
 def test_kv_cache_matches_full_forward(use_bar_beat: bool, first_chunk: int) -> None:
-    model = tiny(use_bar_beat=use_bar_beat)
-    tokens, bars, beats = random_inputs(40)
+    model = tiny() if use_bar_beat else tiny(embeddings={})
+    assert set(model.feature_emb) == ({"bars", "beats"} if use_bar_beat else set())
+    tokens, features = random_inputs(40)
     with torch.no_grad():
-        full = model(tokens, bars, beats).logits
-        out = model(tokens[:, :first_chunk], bars[:, :first_chunk], beats[:, :first_chunk])
+        full = model(tokens, features).logits
+        out = model(tokens[:, :first_chunk], cut(features, slice(None, first_chunk)))
         past, pieces = out.present, [out.logits]
         for t in range(first_chunk, 40):
-            out = model(tokens[:, t : t + 1], bars[:, t : t + 1], beats[:, t : t + 1], past=past)
+            out = model(tokens[:, t : t + 1], cut(features, slice(t, t + 1)), past=past)
             past = concat(past, out.present)
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
@@ -53,21 +64,23 @@ def test_kv_cache_matches_full_forward(use_bar_beat: bool, first_chunk: int) -> 
 
 def test_bar_and_beat_inputs_change_the_output() -> None:
     model = tiny()
-    tokens, bars, beats = random_inputs(16)
+    tokens, features = random_inputs(16)
     with torch.no_grad():
-        a = model(tokens, bars, beats).logits
-        b = model(tokens, bars, (beats + 1) % 64).logits
+        a = model(tokens, features).logits
+        b = model(tokens, features | {"beats": (features["beats"] + 1) % 64}).logits
+        c = model(tokens, features | {"bars": features["bars"] + 1}).logits
+    assert not torch.allclose(a, c)
     assert not torch.allclose(a, b)
 
 
 def test_future_tokens_do_not_change_past_logits() -> None:
     model = tiny()
-    tokens, bars, beats = random_inputs(30)
+    tokens, features = random_inputs(30)
     changed = tokens.clone()
     changed[:, 20:] = 5
     with torch.no_grad():
-        a = model(tokens, bars, beats).logits
-        b = model(changed, bars, beats).logits
+        a = model(tokens, features).logits
+        b = model(changed, features).logits
     torch.testing.assert_close(a[:, :20], b[:, :20])
     assert not torch.allclose(a[:, 20:], b[:, 20:])
 
@@ -76,15 +89,16 @@ def test_sliding_window_equals_full_forward_over_the_last_window() -> None:
     """One layer, so a cached key depends on its own token only: past the context the decoder must
     attend to exactly the last `context` tokens, with the same relative distances."""
     model = tiny(n_layers=1, context=16, knn_layer=0)
-    tokens, bars, beats = (x[0].numpy() for x in random_inputs(50, B=1))
+    tokens, features = random_inputs(50, B=1)
+    song = TokenSequence(tokens[0].numpy(), features["bars"][0].numpy(),  # steps are not fed to the model
+                         {name: value[0].numpy() for name, value in features.items()})
     decoder = SlidingWindowDecoder(model)
-    decoder(tokens[:1], bars[:1], beats[:1])
+    decoder(song.slice(slice(0, 1)))
     for t in range(1, 50):
-        logits = decoder(tokens[t : t + 1], bars[t : t + 1], beats[t : t + 1])
+        logits = decoder(song.slice(slice(t, t + 1)))
         start = max(0, t + 1 - 16)
-        window = [torch.as_tensor(x[start : t + 1]).view(1, -1) for x in (tokens, bars, beats)]
         with torch.no_grad():
-            expected = model(*window).logits[0, -1]
+            expected = model(tokens[:, start : t + 1], cut(features, slice(start, t + 1))).logits[0, -1]
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
@@ -102,7 +116,7 @@ def test_relative_buckets_are_exact_then_logarithmic() -> None:
 def test_bias_by_diagonals_equals_a_lookup_per_query_and_key(queries: int, past: int) -> None:
     """The model's bias, looked up per diagonal and skewed, is the bias of each (query, key) distance,
     with the same gradient."""
-    model = MusicTransformer(ModelConfig.preset("tiny", TokenizerConfig()))
+    model = MusicTransformer(ModelConfig.preset("tiny", SINGLE_STREAM))
     table = model.blocks[0].attn.rel_bias
     kv = KV(torch.zeros(1, 2, past, 16), torch.zeros(1, 2, past, 16), torch.ones(1, past, dtype=torch.bool))
     buckets, allowed = model.attention_layout(queries, kv if past else None, torch.device("cpu"))
@@ -148,7 +162,7 @@ def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
     """On CPU, attention whose bias needs gradients runs a few lanes at a time: the same outputs and gradients."""
     model = tiny()
     B, T, P, H, D = 3, 8, 8, model.config.n_heads, model.config.head_dim
-    tokens, bars, beats = random_inputs(T + 1, B=B)
+    tokens, features = random_inputs(T + 1, B=B)
     g = torch.Generator().manual_seed(2)
     valid = torch.ones(B, P, dtype=torch.bool)
     if empty_memory:
@@ -159,7 +173,7 @@ def test_attention_a_few_lanes_at_a_time_equals_all_lanes_at_once(
     for scores_per_call in (B * H * T * (P + T), lanes_per_call * H * T * (P + T)):
         monkeypatch.setattr(transformer_module, "CPU_MATH_SCORES", scores_per_call)
         model.zero_grad()
-        output = model(tokens[:, :-1], bars[:, :-1], beats[:, :-1], targets=tokens[:, 1:], past=past)
+        output = model(tokens[:, :-1], cut(features, slice(None, -1)), targets=tokens[:, 1:], past=past)
         output.loss.backward()
         results.append((output.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (logits, grads), (split_logits, split_grads) = results
@@ -263,24 +277,24 @@ def test_cpu_attention_gradients_with_dropout_match_finite_differences(past: int
 @pytest.mark.parametrize("field", ["dropout", "attn_dropout"])
 def test_dropout_applies_in_training_only(field: str) -> None:
     model = tiny(**({"dropout": 0.0, "attn_dropout": 0.0} | {field: 0.5}))
-    tokens, bars, beats = random_inputs(20)
+    tokens, features = random_inputs(20)
     model.train()
-    a, b = model(tokens, bars, beats).logits, model(tokens, bars, beats).logits
+    a, b = model(tokens, features).logits, model(tokens, features).logits
     assert not torch.allclose(a, b)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens, bars, beats).logits, model(tokens, bars, beats).logits)
+        torch.testing.assert_close(model(tokens, features).logits, model(tokens, features).logits)
 
 
 def test_padding_targets_are_not_scored() -> None:
     model = tiny()
-    tokens, bars, beats = random_inputs(20, B=1)
+    tokens, features = random_inputs(20, B=1)
     targets = tokens.roll(-1, 1)
     padded = targets.clone()
     padded[:, 10:] = 0
     with torch.no_grad():
-        logits = model(tokens, bars, beats).logits
-        loss = model(tokens, bars, beats, targets=padded).loss
+        logits = model(tokens, features).logits
+        loss = model(tokens, features, targets=padded).loss
     expected = torch.nn.functional.cross_entropy(logits[0, :10], targets[0, :10])
     torch.testing.assert_close(loss, expected)
 
@@ -316,7 +330,7 @@ def test_presets_have_the_documented_sizes() -> None:
     rows = re.findall(r"^\| (\w+) +\| +(\d+) +\| +(\d+) +\| +(\d+) +\| +(\d+) +\| +([\d,]+) +\|$", section, re.MULTILINE)
     assert {row[0] for row in rows} == set(PRESETS)
     for name, layers, width, heads, context, parameters in rows:
-        config = ModelConfig.preset(name, TokenizerConfig())
+        config = ModelConfig.preset(name, TokenizerConfig())  # the default tokenizer, as the README says
         assert (config.n_layers, config.d_model, config.n_heads, config.context) == tuple(map(int, (layers, width, heads, context)))
         assert MusicTransformer(config).num_parameters() == int(parameters.replace(",", "")), name
         with_knn = MusicTransformer(ModelConfig.preset(name, TokenizerConfig(), memory="knn")).num_parameters()

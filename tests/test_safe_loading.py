@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from midigen.cli.main import main
-from midigen.codec import SeedTokenizer
+from midigen.codec import load_tokenizer
 from midigen.errors import MidigenError
 from midigen.inference import SamplingConfig, empty_prompt, generate, load_model
 from midigen.state_files import load_state, save_state
@@ -197,7 +197,7 @@ def test_export_load_generate_equals_the_run(run_copy: Path, tmp_path: Path, cap
     model_dir = tmp_path / "model"
     assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     from_run, from_model = load_model(run_copy, "cpu"), load_model(model_dir, "cpu")
-    tokenizer = SeedTokenizer(from_run.tokenizer)
+    tokenizer = load_tokenizer(from_run.tokenizer)
     tokens = [generate(loaded, empty_prompt(tokenizer), SamplingConfig(seed=5), new_tokens=48).sequence.tokens
               for loaded in (from_run, from_model)]
     assert np.array_equal(*tokens)
@@ -245,7 +245,7 @@ def test_legacy_run_converts_and_generates_as_the_old_midigen_did(prompt_store: 
     assert not (run / "checkpoint.pt").exists() and not (run / "checkpoint.rank0.pt").exists()
     expected = json.loads((run / "generated_by_old_midigen.json").read_text())
     loaded = load_model(run, "cpu")
-    generation = generate(loaded, empty_prompt(SeedTokenizer(loaded.tokenizer)),
+    generation = generate(loaded, empty_prompt(load_tokenizer(loaded.tokenizer)),
                           SamplingConfig(temperature=expected["temperature"], seed=expected["seed"]),
                           new_tokens=expected["new_tokens"])
     assert generation.sequence.tokens.tolist() == expected["tokens"]

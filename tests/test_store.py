@@ -7,13 +7,15 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SINGLE_STREAM
 from midi_factory import grid_notes_of
 
-from midigen.codec import SeedTokenizer, TokenizerConfig, read_notes
+from midigen.codec import TokenizerConfig, load_tokenizer, read_notes
 from midigen.data.encode import encode_files
 from midigen.data.splits import SPLITS, split_of
 from midigen.data.store import StoreWriter, TokenStore
@@ -23,14 +25,14 @@ from midigen.errors import MidigenError
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, prompt_files: list[Path]) -> Path:
     root = tmp_path_factory.mktemp("store") / "prompts"
-    encode_files(prompt_files, root, TokenizerConfig(max_duration=64), workers=2, progress=False)
+    encode_files(prompt_files, root, replace(SINGLE_STREAM, max_duration=64), workers=2, progress=False)
     return root
 
 
 def test_files_of_a_finished_store(store: Path, prompt_files: list[Path]) -> None:
     names = {p.name for p in store.iterdir()}
     assert names == {"tokenizer.json", "tokens.bin", "steps.bin", "bars.bin", "beats.bin", "songs.jsonl", "skipped.jsonl", "report.json", ".lock"}
-    assert TokenizerConfig.load(store / "tokenizer.json") == TokenizerConfig(max_duration=64)
+    assert TokenizerConfig.load(store / "tokenizer.json") == replace(SINGLE_STREAM, max_duration=64)
     rows = [json.loads(line) for line in (store / "songs.jsonl").read_text().splitlines()]
     assert [row["path"] for row in rows] == [str(p) for p in prompt_files]
     assert [row["hash"] for row in rows] == [hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest() for p in prompt_files]
@@ -46,7 +48,7 @@ def test_a_trainer_can_memory_map_the_arrays_without_midigen(store: Path, prompt
     rows = [json.loads(line) for line in (store / "songs.jsonl").read_text().splitlines()]
     tokens = np.memmap(store / "tokens.bin", dtype=np.uint16, mode="r")
     beats = np.memmap(store / "beats.bin", dtype=np.uint16, mode="r")
-    tokenizer = SeedTokenizer(TokenizerConfig(max_duration=64))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, max_duration=64))
     for row, path in zip(rows, prompt_files):
         direct = tokenizer.encode(path)
         window = slice(row["start"], row["start"] + row["length"])
@@ -61,7 +63,7 @@ def test_read_song_i_back_and_decode_it(store: Path, prompt_files: list[Path]) -
         "tokens": np.uint16, "steps": np.uint32, "bars": np.uint32, "beats": np.uint16
     }
     assert all(isinstance(array, np.memmap) for array in opened.arrays.values())
-    tokenizer = SeedTokenizer(opened.config)
+    tokenizer = load_tokenizer(opened.config)
     for i in (0, 7, len(opened) - 1):
         song, direct = opened.song(i), tokenizer.encode(prompt_files[i])
         for name in ("tokens", "steps", "bars", "beats"):
@@ -86,7 +88,7 @@ def test_unfinished_store_with_a_torn_row_and_extra_tokens_is_read_and_repaired(
     opened = TokenStore(damaged)
     assert not opened.complete and len(opened) == kept
     assert opened.num_tokens == json.loads(rows[kept])["start"]
-    resumed = encode_files(prompt_files, damaged, TokenizerConfig(max_duration=64), workers=2, progress=False)
+    resumed = encode_files(prompt_files, damaged, replace(SINGLE_STREAM, max_duration=64), workers=2, progress=False)
     assert resumed.already_done == kept and resumed.new_songs == len(prompt_files) - kept
     for name in ("tokenizer.json", "songs.jsonl", "tokens.bin", "steps.bin", "bars.bin", "beats.bin", "report.json"):
         assert (damaged / name).read_bytes() == (store / name).read_bytes(), name
@@ -100,7 +102,7 @@ def test_store_shorter_than_its_index_is_refused(tmp_path: Path, store: Path) ->
     with pytest.raises(MidigenError, match="store is damaged"):
         TokenStore(damaged)
     with pytest.raises(MidigenError, match="store is damaged"):
-        StoreWriter(damaged, TokenizerConfig(max_duration=64))
+        StoreWriter(damaged, replace(SINGLE_STREAM, max_duration=64))
 
 
 def test_corrupt_index_row_is_refused(tmp_path: Path, store: Path) -> None:
@@ -114,17 +116,17 @@ def test_corrupt_index_row_is_refused(tmp_path: Path, store: Path) -> None:
 
 def test_writer_refuses_other_folders_configs_and_a_second_writer(tmp_path: Path, store: Path) -> None:
     with pytest.raises(MidigenError, match="different tokenizer config"):
-        StoreWriter(store, TokenizerConfig())
+        StoreWriter(store, SINGLE_STREAM)
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
     with pytest.raises(MidigenError, match="not empty and is not a token store"):
-        StoreWriter(tmp_path / "photos", TokenizerConfig())
+        StoreWriter(tmp_path / "photos", SINGLE_STREAM)
     with pytest.raises(MidigenError, match="not a token store"):
         TokenStore(tmp_path / "photos")
     (tmp_path / "file").write_text("")
     with pytest.raises(MidigenError, match="not a folder"):
-        StoreWriter(tmp_path / "file", TokenizerConfig())
-    with StoreWriter(tmp_path / "new", TokenizerConfig()):
+        StoreWriter(tmp_path / "file", SINGLE_STREAM)
+    with StoreWriter(tmp_path / "new", SINGLE_STREAM):
         with pytest.raises(MidigenError, match="another encode is writing"):
             _lock_from_another_process(tmp_path / "new")
 
@@ -136,7 +138,7 @@ def _lock_from_another_process(root: Path) -> None:
     if pid == 0:
         os.close(read_end)
         try:
-            StoreWriter(root, TokenizerConfig())
+            StoreWriter(root, SINGLE_STREAM)
             message = b""
         except MidigenError as exc:
             message = str(exc).encode()
@@ -151,7 +153,7 @@ def _lock_from_another_process(root: Path) -> None:
 
 
 def test_empty_store_opens(tmp_path: Path) -> None:
-    with StoreWriter(tmp_path / "empty", TokenizerConfig()) as writer:
+    with StoreWriter(tmp_path / "empty", SINGLE_STREAM) as writer:
         report = writer.finish()
     assert report["files"] == report["encoded"] == report["tokens"] == 0
     opened = TokenStore(tmp_path / "empty")

@@ -29,7 +29,7 @@ import symusic
 import uvicorn
 
 from midigen.cli.main import main
-from midigen.codec import SeedTokenizer, sandbox
+from midigen.codec import load_tokenizer, sandbox
 from midigen.errors import MidigenError
 from midigen.inference import SamplingConfig, generate, load_model, load_prompt
 from midigen.inference.export import export_model
@@ -230,11 +230,11 @@ def test_a_generation_is_the_one_generate_gives_in_process(url: str, tiny_run: P
     assert response.status_code == 200, response.text
     take = response.json()
     loaded = load_model(tiny_run, "cpu")
-    tokenizer = SeedTokenizer(loaded.tokenizer)
+    tokenizer = load_tokenizer(loaded.tokenizer)
     expected = generate(loaded, load_prompt(PROMPT, 2, tokenizer), SamplingConfig(temperature=0.9, top_p=0.95, seed=7),
                         bars=3)
     score = generation_score(expected, tokenizer)
-    prompt = notes_of(tokenizer.decode(expected.sequence.tokens[:expected.prompt_length], expected.tempo_qpm,
+    prompt = notes_of(tokenizer.decode(expected.sequence.tokens[:expected.prompt_length], expected.tempos,
                                        expected.grid), 8)
     assert take["notes"] == notes_of(score, 8, prompt)
     assert sum(note["prompt"] for note in take["notes"]) == len(prompt)
@@ -359,18 +359,18 @@ def test_uploads_over_the_limit_or_of_unknown_length_are_refused(url: str, tiny_
     assert_refused(as_text, 400, "prompt: send a file")
 
 
-def crash_or_hang_on(name: str, failure: str) -> Callable[[str, bool], Any]:
+def crash_or_hang_on(name: str, failure: str) -> Callable[[str], Any]:
     """A stand-in for the sandbox's parser that crashes or hangs on files called `name` (the forked parser
     process inherits it)."""
     real_parse_one = sandbox.parse_one
 
-    def parse_one(path: str, keep_drums: bool) -> Any:
+    def parse_one(path: str) -> Any:
         if Path(path).read_bytes() == PROMPT.read_bytes() + name.encode():
             if failure == "crash":
                 faulthandler.disable()
                 os.kill(os.getpid(), signal.SIGSEGV)
             time.sleep(60)
-        return real_parse_one(path, keep_drums)
+        return real_parse_one(path)
 
     return parse_one
 

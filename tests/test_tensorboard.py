@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SINGLE_STREAM
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from midigen.codec import TokenizerConfig
 from midigen.data.batching import RandomChunks
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import PICTURE_HEIGHT_PX, PICTURE_WIDTH_PX, train
 from midigen.training.trainer import SCALAR_TAGS
 
-MODEL = ModelConfig.preset("tiny", TokenizerConfig())
+MODEL = ModelConfig.preset("tiny", SINGLE_STREAM)
 SETTINGS = dict(batch_size=2, eval_interval=4, log_interval=2, warmup_steps=2, device="cpu")
 
 

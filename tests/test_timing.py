@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from conftest import SINGLE_STREAM
 from midi_factory import make_score
 
-from midigen.codec import BarGrid, SeedTokenizer, TimeSignatureChange, TokenizerConfig
+from midigen.codec import BarGrid, TimeSignatureChange, load_tokenizer
 from midigen.codec.timing import bar_steps_of, ticks_to_steps
 
 SPQ = 8  # steps per quarter note: a 4/4 bar is 32 steps
@@ -121,7 +124,7 @@ def test_tokens_carry_bars_and_beats_of_the_file(ticks_per_step: int) -> None:
         ticks_per_step=ticks_per_step,
         time_signatures=[(0, 3, 4), (48, 6, 8), (96, 4, 4)],
     )
-    tokenizer = SeedTokenizer(TokenizerConfig(steps_per_quarter=SPQ))
+    tokenizer = load_tokenizer(replace(SINGLE_STREAM, steps_per_quarter=SPQ))
     sequence = tokenizer.encode(score)
     note_tokens = np.array([tokenizer.vocab.is_note(t) for t in sequence.tokens])
     got = list(zip(sequence.steps[note_tokens].tolist(), sequence.bars[note_tokens].tolist(), sequence.beats[note_tokens].tolist()))

@@ -11,11 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import SINGLE_STREAM
 
-from midigen.codec import TokenizerConfig
 from midigen.data.encode import encode_files
 from midigen.training.config import TrainConfig
 
@@ -100,7 +101,7 @@ def test_train_and_eval_refuse_a_bad_store_in_one_line(prompt_store: Path, tiny_
 @pytest.fixture(scope="module")
 def other_tokenizer_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("other") / "store"
-    encode_files(sorted(DATA.glob("*.mid"))[:3], store, TokenizerConfig(max_duration=64), workers=1, progress=False)
+    encode_files(sorted(DATA.glob("*.mid"))[:3], store, replace(SINGLE_STREAM, max_duration=64), workers=1, progress=False)
     return store
 
 

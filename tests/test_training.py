@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SINGLE_STREAM
 
-from midigen.codec import TokenizerConfig
 from midigen.data.batching import RandomChunks, SongLanes
 from midigen.errors import MidigenError
 from midigen.model import ModelConfig
@@ -25,7 +25,7 @@ from midigen.training.recipe import train
 from midigen.training import trainer as trainer_module
 from midigen.training.trainer import learning_rate
 
-MODEL = ModelConfig.preset("tiny", TokenizerConfig())
+MODEL = ModelConfig.preset("tiny", SINGLE_STREAM)
 
 
 def config(**overrides: object) -> TrainConfig:
@@ -55,7 +55,7 @@ def interrupt_at_batch(monkeypatch: pytest.MonkeyPatch, sampler: type, batch: in
 @pytest.mark.parametrize("memory", ["none", "xl", "knn"])
 def test_resume_after_ctrl_c_gives_the_same_weights(memory: str, prompt_store: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     # with memory, lanes play songs back to back: the resumed run must remember what the lanes had seen
-    model = ModelConfig.preset("tiny", TokenizerConfig(), memory=memory, context=16)
+    model = ModelConfig.preset("tiny", SINGLE_STREAM, memory=memory, context=16)
     straight, result = tmp_path / "straight", None
     result, _ = train(prompt_store, straight, model, config(), progress=False)
     assert result.step == 8 and not result.interrupted
@@ -152,7 +152,7 @@ def test_run_folder_holds_checkpoint_metrics_and_loss_curve(tiny_run: Path) -> N
     assert rows[-1]["step"] == 30
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     trained = load_model(tiny_run)
-    assert trained.model_config == MODEL and trained.tokenizer == TokenizerConfig() and trained.step == 30
+    assert trained.model_config == MODEL and trained.tokenizer == SINGLE_STREAM and trained.step == 30
     train_losses = [row["train_loss"] for row in rows if "train_loss" in row]
     assert train_losses[-1] < train_losses[0]  # it learns
 
@@ -218,7 +218,7 @@ def test_compiled_training_matches_eager(prompt_store: Path, tmp_path: Path, mon
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same dropout masks as eager
-    model = ModelConfig.preset("tiny", TokenizerConfig(), memory="knn", context=16)
+    model = ModelConfig.preset("tiny", SINGLE_STREAM, memory="knn", context=16)
     losses = {}
     for compiled in (False, True):
         run = tmp_path / f"compiled-{compiled}"

@@ -69,8 +69,8 @@ def convert_legacy_run(run_dir: str | Path) -> list[Path]:
         if old.get("format") != LEGACY_FORMAT:
             raise ValueError(f"format {old.get('format')!r}")
         configs = old["configs"]
-        model_config = ModelConfig.from_dict(configs["model"])
-        tokenizer = TokenizerConfig.from_dict(configs["tokenizer"])
+        model_config = ModelConfig.from_saved(configs["model"])
+        tokenizer = TokenizerConfig.from_saved(configs["tokenizer"])
         train = TrainConfig.from_dict(configs["train"]).to_dict()
         schedule = {"step": int(old["scheduler"]["step"]), "elapsed_s": float(old["scheduler"]["elapsed_s"]),
                     "best_val": old["scheduler"]["best_val"], "last_val": None, "tokens_seen": None,

@@ -6,7 +6,7 @@ import { streamGeneration } from "./api.js";
 import { midiFile } from "./midifile.js";
 
 export class Jam {
-  // `settings()` gives {model, silenceMs, answerBars, bpm, temperature, topP, program}; `show(event)` tells
+  // `settings()` gives {model, silenceMs, answerBars, bpm, temperature, topP, program, seed ("": random)}; `show(event)` tells
   // the page what happens: {kind: "note", note} | {kind: "status", text} | {kind: "error", text}.
   constructor(synth, settings, show) {
     this.synth = synth;
@@ -80,6 +80,7 @@ export class Jam {
     form.append("temperature", String(settings.temperature));
     form.append("top_p", String(settings.topP));
     form.append("instruments", String(settings.program));
+    if (settings.seed !== "") form.append("seed", settings.seed);  // a fixed seed answers a phrase the same way
     this.answering?.abort();
     const controller = (this.answering = new AbortController());
     this.show({ kind: "status", text: "the model is answering…" });

@@ -156,7 +156,7 @@ function jamSettings() {
   return {
     model: $("model").value, silenceMs: Number($("jam-silence").value), answerBars: Number($("jam-bars").value),
     bpm: Number($("tempo").value), temperature: Number($("temperature").value), topP: Number($("top-p").value),
-    program: Number($("instrument").value),
+    program: Number($("instrument").value), seed: $("seed").value,
   };
 }
 
