@@ -85,7 +85,7 @@ def multitrack_files() -> tuple[list[Path], dict[str, list[Path]]]:
         sources["expressive piano (../shared/midi/piano)"] = sorted(SHARED_PIANO.glob("*.mid"))
     originals = [path for paths in sources.values() for path in paths]
     complete = MULTITRACK / ".complete"
-    if not complete.exists() or complete.read_text() != str(len(originals)):
+    if not complete.exists() or complete.read_text() != f"{len(originals)} drums once":
         print(f"writing {len(TRANSPOSITIONS)} transpositions of {len(originals)} multi-track files to {MULTITRACK} "
               "(once)...", file=sys.stderr)
         shutil.rmtree(MULTITRACK, ignore_errors=True)
@@ -94,11 +94,13 @@ def multitrack_files() -> tuple[list[Path], dict[str, list[Path]]]:
             folder.mkdir(parents=True)
             for number, path in enumerate(originals):
                 score = symusic.Score(str(path))
+                if shift and all(track.is_drum for track in score.tracks if track.note_num()):
+                    continue  # drums are not transposed: a drum file once
                 for track in score.tracks:
                     if not track.is_drum:
                         track.shift_pitch(shift, inplace=True)
                 score.dump_midi(str(folder / f"{number:03d}-{path.name}"))
-        complete.write_text(str(len(originals)))
+        complete.write_text(f"{len(originals)} drums once")
     return sorted(MULTITRACK.rglob("*.mid")), sources
 
 
@@ -140,7 +142,8 @@ def multitrack_report(rate: dict[str, float], files: int, megabytes: float, per_
     over = rate["midigen"] / rate["MidiTok REMI"]
     columns = list(next(iter(per_note.values())))
     lines = [
-        f"{files} multi-track files ({megabytes:.1f} MB: each file below in ten transpositions of its pitched tracks), "
+        f"{files} multi-track files ({megabytes:.1f} MB: each file below in ten transpositions of its pitched tracks, "
+        "a drum track alone once), "
         f"{WORKERS} workers for both tools, median of {rounds} interleaved rounds. midigen encodes with instruments, "
         "drums and 8 velocity levels (the default); MidiTok's REMI with `use_programs=True` (one token stream).",
         "",

