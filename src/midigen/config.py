@@ -78,6 +78,11 @@ class JsonConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MidigenError(f"{path}: cannot read {cls.__name__}: {exc}") from None
         try:
-            return cls.from_dict(data)
+            return cls.from_saved(data)
         except MidigenError as exc:
             raise MidigenError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_saved(cls: type[C], data: Any) -> C:
+        """The config a saved file holds; configs whose saved form has changed read older forms here."""
+        return cls.from_dict(data)

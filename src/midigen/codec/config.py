@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
@@ -82,17 +80,6 @@ class TokenizerConfig(JsonConfig):
         if isinstance(data, dict) and "kind" not in data:
             data = {**data, "kind": "seed", "instruments": False, "velocity_bins": 0}
         return cls.from_dict(data, complete=True)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TokenizerConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MidigenError(f"{path}: cannot read {cls.__name__}: {exc}") from None
-        try:
-            return cls.from_saved(data)
-        except MidigenError as exc:
-            raise MidigenError(f"{path}: {exc}") from None
 
     @property
     def beat_positions(self) -> int:

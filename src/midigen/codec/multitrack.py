@@ -33,8 +33,17 @@ import symusic
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
 from midigen.codec.instruments import gm_name
 from midigen.codec.midi_io import DRUM_INSTRUMENT, NoteTable
-from midigen.codec.timing import BarGrid, ticks_to_steps
-from midigen.codec.rows import GAP, MAX_SONG_STEPS, position_rows, song_of_each, split_long_gaps
+from midigen.codec.rows import (
+    GAP,
+    grid_of,
+    overlap_layers,
+    position_rows,
+    quantised_steps,
+    song_of_each,
+    split_long_gaps,
+    ticks_per_quarter_of,
+)
+from midigen.codec.timing import BarGrid
 from midigen.errors import BadMidiError, MidigenError
 
 DEFAULT_VELOCITY = 80
@@ -100,15 +109,6 @@ def bin_velocities(bins_: np.ndarray | int, bins: int) -> np.ndarray:
 
 
 # ---- encode -----------------------------------------------------------------------------------
-def grid_of(notes: NoteTable, config: TokenizerConfig) -> BarGrid:
-    """The bar grid of a piece's time-signature map, in steps."""
-    changes = tuple(
-        (ticks_to_steps(tick, config.steps_per_quarter, notes.ticks_per_quarter), numerator, denominator)
-        for tick, numerator, denominator in notes.time_signatures
-    )
-    return BarGrid.of(changes, config.steps_per_quarter, config.beat_positions)
-
-
 def _sort_fields(fields: list[np.ndarray], widths: list[int]) -> list[np.ndarray]:
     """The columns `fields` (non-negative ints, each below 2**width) sorted together, first field first:
     packed into as few int64 keys as hold them, one sort (np.sort when one key holds all, else lexsort)."""
@@ -165,16 +165,7 @@ def encode_multitrack(tables: Sequence[NoteTable], config: TokenizerConfig) -> l
     counts = [len(table) for table in files]
     songs = song_of_each(counts)
 
-    # quantise, as the single-stream codec does
-    spq = config.steps_per_quarter
-    tpq = np.array([table.ticks_per_quarter for table in files], dtype=np.int64)[songs]
-    ticks = np.concatenate([table.onsets for table in files])
-    onsets = ticks_to_steps(ticks, spq, tpq)
-    out_of_range = (onsets < 0) | (onsets > MAX_SONG_STEPS)
-    if out_of_range.any():
-        raise BadMidiError(files[int(songs[out_of_range.argmax()])].path,
-                           f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
-    lengths = ticks_to_steps(ticks + np.concatenate([table.durations for table in files]), spq, tpq) - onsets
+    onsets, lengths = quantised_steps(files, songs, config.steps_per_quarter)
     drums = np.concatenate([table.drums for table in files])
     clamped = np.bincount(songs[(lengths > config.max_duration) & ~drums], minlength=num_songs)
     durations = np.where(drums, 1, np.clip(lengths, 1, config.max_duration))
@@ -380,39 +371,6 @@ def decode_multitrack(tokens: np.ndarray, config: TokenizerConfig) -> DecodedNot
 
 
 # ---- score ------------------------------------------------------------------------------------
-def overlap_layers(keys: np.ndarray, steps: np.ndarray, durations: np.ndarray) -> np.ndarray:
-    """For each note, the lowest layer in which no earlier note of the same key (e.g. instrument and pitch)
-    still sounds (N,); 0 for most. One MIDI track cannot hold two sounding notes of one pitch, so each further
-    layer becomes a track of its own."""
-    keys, steps, durations = (np.asarray(a, dtype=np.int64) for a in (keys, steps, durations))
-    order = np.lexsort((steps, keys))  # by key, then onset
-    steps, keys = steps[order], keys[order]
-    ends = steps + durations[order]
-    offset = (keys - int(keys.min(initial=0))) * (int(ends.max(initial=0)) + 1)
-    latest_end = np.maximum.accumulate(ends + offset) - offset if ends.size else ends
-    overlaps = np.zeros(order.size, dtype=bool)
-    overlaps[1:] = (keys[1:] == keys[:-1]) & (steps[1:] < latest_end[:-1])
-    layers = np.zeros(order.size, dtype=np.int64)
-    for key in np.unique(keys[overlaps]).tolist():  # rare: lay out only the keys that need it
-        layer_ends: list[int] = []
-        for index in np.flatnonzero(keys == key).tolist():
-            free = [layer for layer, end in enumerate(layer_ends) if end <= steps[index]]
-            if free:
-                layers[index] = free[0]
-                layer_ends[free[0]] = int(ends[index])
-            else:
-                layers[index] = len(layer_ends)
-                layer_ends.append(int(ends[index]))
-    result = np.empty_like(layers)
-    result[order] = layers
-    return result
-
-
-def ticks_per_quarter_of(config: TokenizerConfig) -> int:
-    spq = config.steps_per_quarter
-    return 480 if 480 % spq == 0 else spq * 60
-
-
 def multitrack_score(notes: DecodedNotes, grid: BarGrid, tempos: Sequence[tuple[int, float]],
                      config: TokenizerConfig) -> symusic.Score:
     """Decoded notes as a `symusic.Score` in ticks: one track per instrument (ascending key) named after its
@@ -456,9 +414,7 @@ __all__ = [
     "bin_velocities",
     "decode_multitrack",
     "encode_multitrack",
-    "grid_of",
     "instrument_feature",
     "multitrack_score",
-    "overlap_layers",
     "velocity_bins",
 ]

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from midigen.codec.timing import BarGrid
+from midigen.codec.config import TokenizerConfig
+from midigen.codec.midi_io import NoteTable
+from midigen.codec.timing import BarGrid, ticks_to_steps
+from midigen.errors import BadMidiError
 
 GAP = -1  # pitch column value of a gap row in a position score
 MAX_SONG_STEPS = 2**24  # about 24 days at 120 qpm and 8 steps per quarter; steps are stored as uint32
@@ -105,3 +108,63 @@ def split_long_gaps(rows: np.ndarray, max_dur: int) -> np.ndarray:
     split[gap, PositionScore.DURATION] = np.minimum(max_dur, split[gap, PositionScore.DURATION] - elapsed)
     split[gap, PositionScore.STEP] += elapsed
     return split
+
+
+def quantised_steps(files: Sequence[NoteTable], songs: np.ndarray, steps_per_quarter: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each note's onset step and its length in steps, unclamped (end step − onset step, the nearest steps, halves
+    up), for the notes of several files one after the other (each note's file in `songs`).
+
+    Raises `BadMidiError` naming the first file with a note beyond `MAX_SONG_STEPS` or before 0.
+    """
+    tpq = np.array([notes.ticks_per_quarter for notes in files], dtype=np.int64)[songs]
+    ticks = np.concatenate([notes.onsets for notes in files])
+    onsets = ticks_to_steps(ticks, steps_per_quarter, tpq)
+    out_of_range = (onsets < 0) | (onsets > MAX_SONG_STEPS)
+    if out_of_range.any():
+        raise BadMidiError(files[int(songs[out_of_range.argmax()])].path,
+                           f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
+    ends = ticks_to_steps(ticks + np.concatenate([notes.durations for notes in files]), steps_per_quarter, tpq)
+    return onsets, ends - onsets
+
+
+def grid_of(notes: NoteTable, config: TokenizerConfig) -> BarGrid:
+    """The bar grid of a piece's time-signature map, in steps."""
+    changes = tuple(
+        (ticks_to_steps(tick, config.steps_per_quarter, notes.ticks_per_quarter), numerator, denominator)
+        for tick, numerator, denominator in notes.time_signatures
+    )
+    return BarGrid.of(changes, config.steps_per_quarter, config.beat_positions)
+
+
+def ticks_per_quarter_of(config: TokenizerConfig) -> int:
+    spq = config.steps_per_quarter
+    return 480 if 480 % spq == 0 else spq * 60
+
+
+def overlap_layers(keys: np.ndarray, steps: np.ndarray, durations: np.ndarray) -> np.ndarray:
+    """For each note, the lowest layer in which no earlier note of the same key (e.g. instrument and pitch)
+    still sounds (N,); 0 for most. One MIDI track cannot hold two sounding notes of one pitch, so each further
+    layer becomes a track of its own."""
+    keys, steps, durations = (np.asarray(a, dtype=np.int64) for a in (keys, steps, durations))
+    order = np.lexsort((steps, keys))  # by key, then onset
+    steps, keys = steps[order], keys[order]
+    ends = steps + durations[order]
+    offset = (keys - int(keys.min(initial=0))) * (int(ends.max(initial=0)) + 1)
+    latest_end = np.maximum.accumulate(ends + offset) - offset if ends.size else ends
+    overlaps = np.zeros(order.size, dtype=bool)
+    overlaps[1:] = (keys[1:] == keys[:-1]) & (steps[1:] < latest_end[:-1])
+    layers = np.zeros(order.size, dtype=np.int64)
+    for key in np.unique(keys[overlaps]).tolist():  # rare: lay out only the keys that need it
+        layer_ends: list[int] = []
+        for index in np.flatnonzero(keys == key).tolist():
+            free = [layer for layer, end in enumerate(layer_ends) if end <= steps[index]]
+            if free:
+                layers[index] = free[0]
+                layer_ends[free[0]] = int(ends[index])
+            else:
+                layers[index] = len(layer_ends)
+                layer_ends.append(int(ends[index]))
+    result = np.empty_like(layers)
+    result[order] = layers
+    return result

@@ -61,11 +61,6 @@ class EncodedSong(NamedTuple):
     length: int  # tokens
     packed: bytes  # `TokenSequence.pack(tokenizer.array_dtypes)`
 
-    @property
-    def tempo_qpm(self) -> float:
-        """The file's first tempo."""
-        return self.tempos[0][1]
-
     def sequence(self, tokenizer: Tokenizer) -> TokenSequence:
         """The token sequence, with the file's bar grid."""
         config = tokenizer.config

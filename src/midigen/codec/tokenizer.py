@@ -36,17 +36,20 @@ from midigen.codec.midi_io import DRUM_INSTRUMENT, NoteTable, read_notes
 from midigen.codec.multitrack import decode_multitrack, encode_multitrack, instrument_feature, multitrack_score
 from midigen.codec.rows import (
     GAP,
-    KEY_DURATION_MASK,
     MAX_BATCH_SONGS,
     MAX_SONG_STEPS,
     ROW_SONG,
     PositionScore,
+    grid_of,
+    overlap_layers,
     position_rows,
+    quantised_steps,
     song_of_each,
     sort_notes,
     split_long_gaps,
+    ticks_per_quarter_of,
 )
-from midigen.codec.timing import BarGrid, ticks_to_steps
+from midigen.codec.timing import BarGrid
 from midigen.errors import BadMidiError, MidigenError
 
 DEFAULT_VELOCITY = 80
@@ -281,26 +284,13 @@ class SeedTokenizer:
         """`quantise` of the notes of several files (each note's file in `songs`), one after the other;
         notes clamped per file."""
         cfg = self.config
-        spq = cfg.steps_per_quarter
-        tpq = np.array([notes.ticks_per_quarter for notes in files], dtype=np.int64)[songs]
-        ticks = np.concatenate([notes.onsets for notes in files])
-        onsets = ticks_to_steps(ticks, spq, tpq)
-        out_of_range = (onsets < 0) | (onsets > MAX_SONG_STEPS)
-        if out_of_range.any():
-            raise BadMidiError(files[int(songs[out_of_range.argmax()])].path,
-                               f"timing out of range: notes beyond step {MAX_SONG_STEPS} or before 0")
-        lengths = ticks_to_steps(ticks + np.concatenate([notes.durations for notes in files]), spq, tpq) - onsets
+        onsets, lengths = quantised_steps(files, songs, cfg.steps_per_quarter)
         clamped = np.bincount(songs[lengths > cfg.max_duration], minlength=len(files))
         return onsets, np.minimum(np.maximum(lengths, 1), cfg.max_duration), clamped
 
     def grid_of(self, notes: NoteTable) -> BarGrid:
         """The bar grid of a piece's time-signature map, in steps."""
-        cfg = self.config
-        changes = tuple(
-            (ticks_to_steps(tick, cfg.steps_per_quarter, notes.ticks_per_quarter), numerator, denominator)
-            for tick, numerator, denominator in notes.time_signatures
-        )
-        return BarGrid.of(changes, cfg.steps_per_quarter, cfg.beat_positions)
+        return grid_of(notes, self.config)
 
     @staticmethod
     def position_score(sparse: SparseScore) -> PositionScore:
@@ -440,9 +430,8 @@ class SeedTokenizer:
     def to_score(self, sparse: SparseScore, tempos: Sequence[tuple[int, float]]) -> symusic.Score:
         """A sparse score as a piano `symusic.Score` in ticks: one track, plus one more for each further layer of
         notes that start while a note of the same pitch still sounds (see `overlap_layers`)."""
-        spq = self.config.steps_per_quarter
-        tpq = 480 if 480 % spq == 0 else spq * 60
-        ticks_per_step = tpq // spq
+        tpq = ticks_per_quarter_of(self.config)
+        ticks_per_step = tpq // self.config.steps_per_quarter
         score = symusic.Score(tpq)
         for step, qpm in tempos:
             score.tempos.append(symusic.Tempo(step * ticks_per_step, qpm))
@@ -450,7 +439,7 @@ class SeedTokenizer:
             score.time_signatures.append(
                 symusic.TimeSignature(change.step * ticks_per_step, change.numerator, change.denominator)
             )
-        layers = overlap_layers(sparse)
+        layers = overlap_layers(sparse.pitches, sparse.steps, sparse.durations)
         for layer in range(int(layers.max(initial=0)) + 1):
             track = symusic.Track("piano" if layer == 0 else f"piano (overlapping notes {layer})", program=0,
                                   is_drum=False)
@@ -469,36 +458,6 @@ def instruments_of(notes: NoteTable, keep_drums: bool) -> tuple[int, ...]:
     """The instrument keys a file's kept notes play (programs; `DRUM_INSTRUMENT` for drums)."""
     keys = np.unique(notes.instruments)
     return tuple(int(key) for key in keys if keep_drums or key != DRUM_INSTRUMENT)
-
-
-def overlap_layers(sparse: SparseScore) -> np.ndarray:
-    """For each note, the lowest layer in which no earlier note of its pitch still sounds (N,); 0 for most.
-
-    One MIDI track cannot hold two sounding notes of one pitch: a reader pairs each note-off with one
-    of them, so both come back with the wrong length. Each layer becomes a track of its own.
-    """
-    order = np.lexsort((sparse.steps, sparse.pitches))  # by pitch, then onset
-    steps, pitches = sparse.steps[order], sparse.pitches[order]
-    ends = steps + sparse.durations[order]
-    # the latest end of the earlier notes of the same pitch: a running maximum, kept apart per pitch by an offset
-    offset = pitches * (int(ends.max(initial=0)) + 1)
-    latest_end = np.maximum.accumulate(ends + offset) - offset
-    overlaps = np.zeros(order.size, dtype=bool)
-    overlaps[1:] = (pitches[1:] == pitches[:-1]) & (steps[1:] < latest_end[:-1])
-    layers = np.zeros(order.size, dtype=np.int64)
-    for pitch in np.unique(pitches[overlaps]).tolist():  # rare: lay out only the pitches that need it
-        layer_ends: list[int] = []
-        for index in np.flatnonzero(pitches == pitch).tolist():
-            free = [layer for layer, end in enumerate(layer_ends) if end <= steps[index]]
-            if free:
-                layers[index] = free[0]
-                layer_ends[free[0]] = int(ends[index])
-            else:
-                layers[index] = len(layer_ends)
-                layer_ends.append(int(ends[index]))
-    result = np.empty_like(layers)
-    result[order] = layers
-    return result
 
 
 # ---- inspection ---------------------------------------------------------------------------------
