@@ -24,6 +24,7 @@ from midi_factory import make_score, million_note_score, write_score
 
 from midigen.codec import load_tokenizer
 from midigen.codec import sandbox
+from midigen.errors import BadMidiError
 from midigen.data import encode as encode_module
 from midigen.data.encode import encode_files, input_paths
 from midigen.data.store import TokenStore
@@ -249,6 +250,7 @@ def test_interrupted_encode_resumes_without_redoing_anything(
 KILLABLE_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
+from midigen.errors import BadMidiError
 from midigen.data import encode
 from midigen.cli.main import main
 real = sandbox.parse_one
@@ -284,6 +286,7 @@ def test_killed_encode_resumes_to_the_same_store(tmp_path: Path, prompt_files: l
 HANGING_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
+from midigen.errors import BadMidiError
 from midigen.cli.main import main
 sandbox.parse_one = lambda path: time.sleep(600)
 sys.exit(main(sys.argv[1:]))
@@ -356,3 +359,37 @@ def test_rerun_on_a_finished_store_changes_nothing(tmp_path: Path, prompt_files:
     assert again.new_songs == 0 and again.already_done == 4 and again.report == first.report
     assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
     assert json.loads((tmp_path / "store" / "report.json").read_text()) == first.report
+
+
+def test_encoding_never_imports_torch() -> None:
+    """Encoder workers (forked by the thousand on big collections) stay light: the codec and the encoder do not
+    load torch, which only generation and training need."""
+    code = "import sys, midigen.data.encode, midigen.codec; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("failure", "reason"), [("crash", "parser crashed: SIGSEGV"), ("hang", "timed out: no result after 1 s")])
+def test_an_isolated_encoder_keeps_its_worker_until_a_file_breaks_it(
+    prompt_files: list[Path], monkeypatch: pytest.MonkeyPatch, failure: str, reason: str
+) -> None:
+    # the studio's parser of uploads: one worker serves file after file; the file that kills it costs only itself
+    good, other, victim = prompt_files[:3]
+    monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, failure))  # before the worker forks
+    tokenizer = load_tokenizer(SINGLE_STREAM)
+    encoder = sandbox.IsolatedEncoder(SINGLE_STREAM, timeout_s=1)
+    try:
+        songs = [encoder.encode(good), encoder.encode(other)]
+        workers = multiprocessing.active_children()
+        assert len(workers) == 1
+        for path, song in zip((good, other), songs):
+            np.testing.assert_array_equal(song.sequence(tokenizer).tokens, tokenizer.encode(path).tokens)
+        with pytest.raises(BadMidiError, match=f"{victim.name}.*{reason}"):
+            encoder.encode(victim)
+        assert not workers[0].is_alive()
+        again = encoder.encode(good)  # on a fresh worker
+        np.testing.assert_array_equal(again.sequence(tokenizer).tokens, songs[0].sequence(tokenizer).tokens)
+        assert [child.pid for child in multiprocessing.active_children()] != [workers[0].pid]
+    finally:
+        encoder.close()
+    assert multiprocessing.active_children() == []

@@ -5,6 +5,7 @@ cancels its generation, audio prompts are transcribed in a process of their own;
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import faulthandler
 import json
@@ -375,17 +376,33 @@ def crash_or_hang_on(name: str, failure: str) -> Callable[[str], Any]:
     return parse_one
 
 
+@contextlib.contextmanager
+def parsers_forked_with(studio: Studio, parse_one: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The studio's parsers of uploads start afresh, their kept workers forked with `parse_one` standing in for
+    the parser, and are closed at the end."""
+    monkeypatch.setattr(sandbox, "parse_one", parse_one)
+    fresh: dict[Any, Any] = {}
+    monkeypatch.setattr(studio, "_parsers", fresh)
+    try:
+        yield
+    finally:
+        for parser in fresh.values():
+            parser.close()
+
+
 @pytest.mark.parametrize(("failure", "words"), [("crash", ("parser crashed: SIGSEGV",)), ("hang", ("timed out",))])
 def test_a_file_that_crashes_or_hangs_the_parser_costs_only_its_request(
-        url: str, tiny_run: Path, monkeypatch: pytest.MonkeyPatch, failure: str, words: tuple[str, ...]) -> None:
+        url: str, studio: Studio, tiny_run: Path, monkeypatch: pytest.MonkeyPatch, failure: str,
+        words: tuple[str, ...]) -> None:
     # the parser's stand-in knows the poisoned file by its content (the upload's name never reaches the disk)
     poisoned = PROMPT.read_bytes() + b"poison"
-    monkeypatch.setattr(sandbox, "parse_one", crash_or_hang_on("poison", failure))
-    monkeypatch.setattr(generation_module, "PARSE_TIMEOUT_S", 1.0)
-    assert_refused(post(url, files={"prompt": ("evil.mid", poisoned)}, model=tiny_run.name, bars=1), 400,
-                   "prompt evil.mid", *words)
-    fine = post(url, files={"prompt": ("elise.mid", PROMPT.read_bytes())}, model=tiny_run.name, bars=1, seed=1)
-    assert fine.status_code == 200, fine.text
+    monkeypatch.setattr(service_module, "PARSE_TIMEOUT_S", 1.0)
+    with parsers_forked_with(studio, crash_or_hang_on("poison", failure), monkeypatch):
+        assert_refused(post(url, files={"prompt": ("evil.mid", poisoned)}, model=tiny_run.name, bars=1), 400,
+                       "prompt evil.mid", *words)
+        for _ in range(2):  # the next uploads are parsed by a fresh worker, which is then kept
+            fine = post(url, files={"prompt": ("elise.mid", PROMPT.read_bytes())}, model=tiny_run.name, bars=1, seed=1)
+            assert fine.status_code == 200, fine.text
 
 
 def test_downloads_cannot_leave_the_takes(url: str) -> None:

@@ -19,9 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import symusic
-from test_studio import MELODY, PROMPT, crash_or_hang_on, serving, slowed_generation, write_melody
+from test_studio import MELODY, PROMPT, crash_or_hang_on, parsers_forked_with, serving, slowed_generation, write_melody
 
-from midigen.codec import sandbox
 from midigen.studio.service import Studio
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -69,11 +68,16 @@ def browser(playwright: Any) -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def studio(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studio]:
     studio = Studio([tiny_run], tmp_path_factory.mktemp("takes"), queue_capacity=2, device="cpu")
+    yield studio
+    studio.close()
+
+
+@pytest.fixture(scope="module")
+def url(studio: Studio) -> Iterator[str]:
     with serving(studio) as base:
         yield base
-    studio.close()
 
 
 class Console:
@@ -179,8 +183,8 @@ def test_stop_cancels_the_generation(page: tuple[Page, Console], url: str, monke
     console.assert_clean()
 
 
-def test_bad_uploads_show_an_error_and_the_server_lives(page: tuple[Page, Console], url: str, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_uploads_show_an_error_and_the_server_lives(page: tuple[Page, Console], url: str, studio: Studio,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     page, console = page
     text = tmp_path / "letter.mid"
     text.write_text("Dear studio, this is not music.\n")
@@ -190,12 +194,12 @@ def test_bad_uploads_show_an_error_and_the_server_lives(page: tuple[Page, Consol
     expect(page.locator("#error")).to_be_visible()
     screenshot(page, "bad-upload")
 
-    monkeypatch.setattr(sandbox, "parse_one", crash_or_hang_on("poison", "crash"))
     poisoned = tmp_path / "poisoned.mid"
     poisoned.write_bytes(PROMPT.read_bytes() + b"poison")
-    page.set_input_files("#prompt-file", str(poisoned))
-    page.click("#generate")
-    expect(page.locator("#error")).to_have_text("prompt poisoned.mid: parser crashed: SIGSEGV")
+    with parsers_forked_with(studio, crash_or_hang_on("poison", "crash"), monkeypatch):
+        page.set_input_files("#prompt-file", str(poisoned))
+        page.click("#generate")
+        expect(page.locator("#error")).to_have_text("prompt poisoned.mid: parser crashed: SIGSEGV")
 
     broken_audio = tmp_path / "broken.wav"
     broken_audio.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\x05" * 200)

@@ -14,10 +14,14 @@ the model's device (many lanes at once).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
+
+if TYPE_CHECKING:  # torch is imported where the tables go to a device: encoding workers never load it
+    import torch
 
 PHASES = ("start", "after_sep", "after_gap", "after_full_gap", "after_instrument", "after_note", "after_note_velocity",
           "after_note_duration", "after_hit", "after_hit_velocity", "end")
@@ -148,6 +152,8 @@ class DeviceGrammar:
     """The tables of a `GrammarTables` on a torch device, for a batch of lanes: states are (B,) long tensors."""
 
     def __init__(self, tables: GrammarTables, device: torch.device) -> None:
+        import torch
+
         self.tables = tables
         as_tensor = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
         self.phase_mask, self.instrument_mask = as_tensor(tables.phase_mask), as_tensor(tables.instrument_mask)
@@ -168,7 +174,7 @@ class DeviceGrammar:
         """The state (phase, lowest, instrument) of each lane after `tokens` (B,), the steps each token moves time
         on, and each token's `instruments` feature."""
         new_lowest, new_instrument = self.next_lowest[phase, tokens], self.next_instrument[phase, tokens]
-        lowest = torch.where(new_lowest == KEEP, lowest, new_lowest)
-        instrument_after = torch.where(new_instrument == KEEP, instrument, new_instrument)
-        feature = torch.where(self.feature_off[phase, tokens], 0, instrument_after)
+        lowest = lowest.where(new_lowest == KEEP, new_lowest)
+        instrument_after = instrument.where(new_instrument == KEEP, new_instrument)
+        feature = instrument_after.where(~self.feature_off[phase, tokens], 0)
         return self.next_phase[phase, tokens], lowest, instrument_after, self.advance[phase, tokens], feature

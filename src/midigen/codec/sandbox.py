@@ -22,6 +22,7 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -164,11 +165,49 @@ def first_line(text: str) -> str:
 
 def encode_isolated(path: str | Path, config: TokenizerConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> EncodedSong:
     """Encode one file in a worker process; a crash, a hang or a bad file raises `BadMidiError`."""
-    for _, result in encode_in_workers([str(path)], config, workers=1, timeout_s=timeout_s):
+    encoder = IsolatedEncoder(config, timeout_s)
+    try:
+        return encoder.encode(path)
+    finally:
+        encoder.close()
+
+
+class IsolatedEncoder:
+    """Encodes files one at a time in a worker process kept between them (a server's uploads: no process start
+    per file). A crash, a hang or a bad file raises `BadMidiError`; a worker that crashed or overran is killed and
+    the next file gets a fresh one. Safe to call from several threads (files are encoded one after another)."""
+
+    def __init__(self, config: TokenizerConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.config, self.timeout_s = config, timeout_s
+        self._context = process_context()
+        self._worker: _Worker | None = None
+        self._lock = threading.Lock()
+
+    def encode(self, path: str | Path) -> EncodedSong:
+        finished: dict[int, EncodeResult] = {}
+        with self._lock:
+            worker = self._worker = _assigned(self._worker, [0], [str(path)], self._context, self.config)
+            while not finished:
+                ready = set(wait([worker.conn, worker.process.sentinel], timeout=POLL_S))
+                if worker.collect(ready, finished):
+                    break
+                failure = worker.failure(ready, time.monotonic(), self.timeout_s)
+                if failure is not None:
+                    finished[0] = Skip(failure[1])
+                    worker.stop(kill=True)
+                    worker.reap()
+                    self._worker = None
+        result = finished[0]
         if isinstance(result, Skip):
             raise BadMidiError(path, result.reason)
         return result
-    raise AssertionError("encode_in_workers yields one result per path")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker.reap()
+                self._worker = None
 
 
 def encode_in_workers(

@@ -1,8 +1,8 @@
 """A studio generation: its parameters read from a form, its prompt from an upload, and the run itself,
 which streams each note to the page as it is sampled and keeps the result as a take.
 
-Uploads are untrusted: a MIDI file is parsed first in a worker process under a watchdog (the one `encode`
-uses), so that a file that crashes or hangs the parser costs that request and not the studio; audio is
+Uploads are untrusted: a MIDI file is parsed first in a worker process kept between uploads, under the watchdog
+that `encode` uses, so that a file that crashes or hangs the parser costs that request and not the studio; audio is
 transcribed in the transcriber's own worker process.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import symusic
 
-from midigen.codec.sandbox import encode_isolated
+from midigen.codec.sandbox import IsolatedEncoder
 from midigen.codec.instruments import parse_instruments
 from midigen.codec.midi_io import DRUM_INSTRUMENT
 from midigen.codec.registry import load_tokenizer
@@ -138,10 +138,11 @@ def upload_suffix(name: str, data: bytes) -> str:
     raise MidigenError(f"prompt {name}: neither a MIDI file nor audio (WAV, FLAC, MP3 or OGG)")
 
 
-def prompt_from_midi(path: Path, shown_name: str, bars: int, loaded: LoadedModel) -> Prompt:
-    """The first `bars` bars of an untrusted MIDI file, parsed first in a worker process."""
+def prompt_from_midi(path: Path, shown_name: str, bars: int, loaded: LoadedModel, parser: IsolatedEncoder) -> Prompt:
+    """The first `bars` bars of an untrusted MIDI file, parsed first by `parser` (in its worker process, with the
+    model's tokenizer)."""
     try:
-        encode_isolated(path, loaded.tokenizer, timeout_s=PARSE_TIMEOUT_S)
+        parser.encode(path)
         return load_prompt(path, bars, load_tokenizer(loaded.tokenizer))  # now known to parse safely
     except BadMidiError as exc:
         raise BadMidiError(f"prompt {shown_name}", exc.reason) from None

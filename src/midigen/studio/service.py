@@ -16,11 +16,12 @@ from midigen import __version__
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.midi_io import load_score
 from midigen.codec.registry import load_tokenizer
+from midigen.codec.sandbox import IsolatedEncoder
 from midigen.errors import MidigenError
 from midigen.evaluation.render import find_fluidsynth, find_soundfont
 from midigen.inference.generate import Prompt, empty_prompt
 from midigen.inference.model_files import LoadedModel
-from midigen.studio.generation import GenerationRequest, notes_of, prompt_from_midi, run_generation, upload_suffix, urls
+from midigen.studio.generation import PARSE_TIMEOUT_S, GenerationRequest, notes_of, prompt_from_midi, run_generation, upload_suffix, urls
 from midigen.studio.jobs import BusyError, Job, JobQueue
 from midigen.studio.models import ModelShelf
 from midigen.studio.takes import Takes, new_take_id
@@ -55,6 +56,14 @@ class Studio:
         self.jobs = JobQueue(queue_capacity)
         self.transcriber = Transcriber() if audio else None  # it starts warming up now, in its own process
         self._transcription_slots = threading.BoundedSemaphore(TRANSCRIPTIONS_WAITING)
+        self._parsers: dict[TokenizerConfig, IsolatedEncoder] = {}  # one kept worker per tokenizer the models use
+        self._parsers_lock = threading.Lock()
+
+    def _parser(self, loaded: LoadedModel) -> IsolatedEncoder:
+        with self._parsers_lock:
+            if loaded.tokenizer not in self._parsers:
+                self._parsers[loaded.tokenizer] = IsolatedEncoder(loaded.tokenizer, PARSE_TIMEOUT_S)
+            return self._parsers[loaded.tokenizer]
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "models": len(self.shelf.folders()),
@@ -71,7 +80,7 @@ class Studio:
             raise MidigenError("give a prompt file or a take to continue, not both")
         if request.take is not None:
             return loaded, prompt_from_midi(self.takes.midi(request.take), f"take {request.take[:8]}",
-                                            request.prompt_bars, loaded)
+                                            request.prompt_bars, loaded, self._parser(loaded))
         if upload is None:
             return loaded, empty_prompt(load_tokenizer(loaded.tokenizer))
         suffix = upload_suffix(upload.shown_name, upload.data)
@@ -81,7 +90,7 @@ class Studio:
             if suffix != ".mid":
                 self._transcribe(path, path.with_suffix(".mid"), upload.shown_name)
                 path = path.with_suffix(".mid")
-            return loaded, prompt_from_midi(path, upload.shown_name, request.prompt_bars, loaded)
+            return loaded, prompt_from_midi(path, upload.shown_name, request.prompt_bars, loaded, self._parser(loaded))
 
     def submit(self, loaded: LoadedModel, prompt: Prompt, request: GenerationRequest) -> Job:
         """Queue the generation (from the event loop); `BusyError` when the queue is full."""
@@ -120,6 +129,8 @@ class Studio:
 
     def close(self) -> None:
         self.jobs.close()
+        for parser in self._parsers.values():
+            parser.close()
         if self.transcriber is not None:
             self.transcriber.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
