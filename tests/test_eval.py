@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from midigen.data.store import TokenStore
-from midigen.evaluation.nll import evaluate_split, fit_bigram
+from midigen.evaluation.nll import evaluate_split, fit_bigram, seconds_at
 from midigen.inference.model_files import load_model
 
 
@@ -37,14 +38,10 @@ def test_evaluation_scores_every_token_of_the_split_once(tiny_run: Path, prompt_
     assert 0 < figures["nll"] < np.log(store.config.vocab.size) + 1
 
 
-def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path, prompt_store: Path) -> None:
-    """Without memory the evaluator scores each song in windows of `context` tokens, each from scratch: the same
-    NLL, overall and per type, as a forward pass over each window and a cross-entropy written out by hand."""
-    trained = load_model(tiny_run)
-    model, store, vocab = trained.model.eval(), TokenStore(prompt_store), TokenStore(prompt_store).config.vocab
+def hand_nll(model: torch.nn.Module, store: TokenStore) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL, target) of every target of the val split, each song in windows of `context` tokens from scratch, by a
+    forward pass and a cross-entropy written out by hand."""
     context = model.config.context
-    assert model.config.memory == "none"
-    figures = evaluate_split(model, store, "val", batch_size=3)
     nll, targets = [], []
     for song in store.split_indices("val"):
         sequence = store.song(song)
@@ -57,7 +54,17 @@ def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path,
                 log_probs = torch.log_softmax(model(tokens, features).logits[0, : len(expected)].double(), -1)
             nll.append(-log_probs.gather(1, expected.view(-1, 1)).squeeze(1).numpy())
             targets.append(expected.numpy())
-    nll_all, target_all = np.concatenate(nll), np.concatenate(targets)
+    return np.concatenate(nll), np.concatenate(targets)
+
+
+def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path, prompt_store: Path) -> None:
+    """Without memory the evaluator scores each song in windows of `context` tokens, each from scratch: the same
+    NLL, overall and per type, as a forward pass over each window and a cross-entropy written out by hand."""
+    model, store = load_model(tiny_run).model.eval(), TokenStore(prompt_store)
+    vocab = store.config.vocab
+    assert model.config.memory == "none"
+    figures = evaluate_split(model, store, "val", batch_size=3)
+    nll_all, target_all = hand_nll(model, store)
     assert figures["tokens"] == len(target_all)
     assert figures["nll"] == pytest.approx(nll_all.mean(), rel=1e-5)
     notes, durations = vocab.ids_of("note"), vocab.ids_of("duration")
@@ -69,6 +76,34 @@ def test_evaluation_equals_a_plain_forward_pass_over_each_window(tiny_run: Path,
     assert split_total == pytest.approx(nll_all.sum(), rel=1e-5)
 
 
+def test_seconds_at_follows_the_tempo_map() -> None:
+    tempos = ((0, 120.0), (8, 60.0))  # 4 steps a quarter: 0.125 s a step, then 0.25 s a step from step 8
+    assert seconds_at(4, tempos, 4) == pytest.approx(0.5)
+    assert seconds_at(16, tempos, 4) == pytest.approx(8 * 0.125 + 8 * 0.25)
+    assert seconds_at(16, ((0, 90.0),), 4) == pytest.approx(16 * 60 / 90 / 4)
+
+
+def test_nll_per_note_and_bits_per_second(tiny_run: Path, prompt_store: Path) -> None:
+    """The summed NLL of the hand-written cross-entropy, over the targets that are notes and over the seconds the
+    val songs span, each song given a tempo change halfway through."""
+    model, store = load_model(tiny_run).model.eval(), TokenStore(prompt_store)
+    spq, notes = store.config.steps_per_quarter, store.config.vocab.ids_of("note")
+    assert not store.config.vocab.ids_of("hit")  # no drums: the notes are the sounding tokens
+    seconds = 0.0
+    for song in store.split_indices("val"):
+        last = int(store.song(song).steps[-1])
+        assert last >= 2
+        store.songs[song] = replace(store.songs[song], tempos=((0, 120.0), (last // 2, 80.0)))
+        seconds += (last // 2) / spq * 60 / 120 + (last - last // 2) / spq * 60 / 80
+    figures = evaluate_split(model, store, "val", batch_size=3)
+    nll_all, target_all = hand_nll(model, store)
+    note_count = int(((target_all >= notes.start) & (target_all < notes.stop)).sum())
+    assert 0 < note_count < len(target_all)
+    assert figures["nll_per_note"] == pytest.approx(nll_all.sum() / note_count, rel=1e-5)
+    assert figures["seconds"] == pytest.approx(seconds)
+    assert figures["bits_per_second"] == pytest.approx(nll_all.sum() / np.log(2) / seconds, rel=1e-5)
+
+
 def test_eval_cli_writes_json(tiny_run: Path, prompt_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     done = subprocess.run(
@@ -77,5 +112,6 @@ def test_eval_cli_writes_json(tiny_run: Path, prompt_store: Path, tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     figures = json.loads(out.read_text())
-    assert {"nll", "ppl", "tokens", "nll_by_type", "bigram_nll"} <= figures.keys()
-    assert "bigram nll" in done.stdout
+    assert {"nll", "ppl", "tokens", "nll_by_type", "bigram_nll", "nll_per_note", "bits_per_second"} <= figures.keys()
+    assert figures["nll_per_note"] > 0 and figures["bits_per_second"] > 0
+    assert "bigram nll" in done.stdout and "nll per note" in done.stdout and "bits per second" in done.stdout

@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Mean negative log-likelihood (nats per predicted token, padding excluded) of a trained model on "
             "every token of a split, by token type, and the NLL of an add-one bigram fitted on the training "
-            "split and scored on the same tokens: the floor any transformer must beat."
+            "split and scored on the same tokens: the floor any transformer must beat. The summed NLL is also "
+            "given per note (nats) and per second of music (bits), by each song's tempo map."
         ),
     )
     parser.add_argument("run_dir", metavar="RUN", help="run folder or checkpoint file")
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     by_type = ", ".join(f"{k} {v:.4f}" for k, v in figures["nll_by_type"].items() if v is not None)
     print(f"{args.split}: nll {figures['nll']:.4f} (ppl {figures['ppl']:.2f}) over {figures['tokens']} tokens; "
           f"bigram nll {figures['bigram_nll']:.4f}; by type: {by_type}")
+    if figures["nll_per_note"] is not None and figures["bits_per_second"] is not None:  # None: no notes, no time
+        print(f"nll per note {figures['nll_per_note']:.4f} nats over {figures['notes']} notes; "
+              f"{figures['bits_per_second']:.2f} bits per second over {figures['seconds']:.1f} s of music")
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
     return 0

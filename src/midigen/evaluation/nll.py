@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,11 +19,14 @@ from midigen.model.memory import MemoryState
 class NllAccumulator:
     """Sums of per-token NLL (model and bigram) over scored targets, split by target type."""
 
-    def __init__(self, token_types: dict[str, np.ndarray], bigram_log_probs: np.ndarray | None = None) -> None:
+    def __init__(self, token_types: dict[str, np.ndarray], bigram_log_probs: np.ndarray | None = None,
+                 sounding: np.ndarray | None = None) -> None:
         self.token_types = token_types  # name → (V,) bool
         self.bigram = bigram_log_probs
+        self.sounding = sounding  # (V,) bool: the tokens that are notes (`Tokenizer.sounding`)
         self.total = 0.0
         self.count = 0
+        self.notes = 0
         self.bigram_total = 0.0
         self.by_type = {name: [0.0, 0] for name in token_types}
 
@@ -32,6 +35,8 @@ class NllAccumulator:
         scored = targets != PAD_ID
         self.total += float(nll[scored].sum())
         self.count += int(scored.sum())
+        if self.sounding is not None:
+            self.notes += int((self.sounding[targets] & scored).sum())
         for name, of_type in self.token_types.items():
             mask = of_type[targets] & scored
             self.by_type[name][0] += float(nll[mask].sum())
@@ -49,7 +54,19 @@ class NllAccumulator:
         }
         if self.bigram is not None:
             out["bigram_nll"] = self.bigram_total / max(1, self.count)
+        if self.sounding is not None:  # total NLL over all scored tokens, per note among them
+            out["nll_per_note"] = self.total / self.notes if self.notes else None
+            out["notes"] = self.notes
         return out
+
+
+def seconds_at(step: int, tempos: Sequence[tuple[int, float]], steps_per_quarter: int) -> float:
+    """Seconds from step 0 to `step` under a tempo map of (step, quarter notes per minute) changes in step order;
+    the first change holds from step 0 whatever its step."""
+    starts = [0, *(start for start, _ in tempos[1:])]
+    ends = [*starts[1:], step]
+    return sum(max(0, min(end, step) - start) * 60.0 / (qpm * steps_per_quarter)
+               for start, end, (_, qpm) in zip(starts, ends, tempos))
 
 
 def fit_bigram(sequences: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
@@ -91,7 +108,9 @@ def evaluate_split(
     """NLL of `model` on every token of a split, by type, and the bigram floor; and the NLL on the recall tokens
     (`midigen.evaluation.recall`: repeats of passages beyond the model's window and XL memory) and on the others.
 
-    The bigram is fitted on the training split and scored on exactly the tokens the model predicts.
+    The bigram is fitted on the training split and scored on exactly the tokens the model predicts. The summed
+    NLL is also given per note (`nll_per_note`, nats over the notes the scored tokens encode) and per second of
+    music (`bits_per_second`, bits over the `seconds` from step 0 to each song's last step under its tempo map).
     """
     from tqdm import tqdm
 
@@ -99,7 +118,10 @@ def evaluate_split(
     if not songs:
         raise MidigenError(f"{store.root}: no songs in split {split!r}")
     bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), store.config.vocab.size)
-    accumulator = NllAccumulator(store.tokenizer.token_types(), bigram)
+    accumulator = NllAccumulator(store.tokenizer.token_types(), bigram, store.tokenizer.sounding())
+    default_tempos = ((0, store.config.tempo_qpm),)  # a store of midigen 0.2 kept no tempo map
+    seconds = sum(seconds_at(int(store.song(i).steps.max(initial=0)), store.songs[i].tempos or default_tempos,
+                             store.config.steps_per_quarter) for i in songs)
     device = device or next(model.parameters()).device
     data = TokenArrays(store, "memmap")
     total = int(sum(max(0, store.songs[i].length - 1) for i in songs))
@@ -121,6 +143,9 @@ def evaluate_split(
                     recall_sums[kind][1] += int((is_recall == kind).sum())
             bar.update(int((tokens[:, 1:] != 0).sum()))
     (recall_total, recall_count), (other_total, other_count) = recall_sums[True], recall_sums[False]
-    return {"split": split, **accumulator.result(),
+    figures = accumulator.result()
+    figures["seconds"] = seconds
+    figures["bits_per_second"] = accumulator.total / math.log(2) / seconds if seconds else None
+    return {"split": split, **figures,
             "recall_nll": recall_total / recall_count if recall_count else None, "recall_tokens": recall_count,
             "other_nll": other_total / other_count if other_count else None, "reach": reach}
