@@ -11,12 +11,17 @@ import pytest
 import symusic
 
 from midigen.cli.main import main
-from midigen.codec.midi_io import CONTINUATION_MARKER
+from midigen.codec.config import TokenizerConfig
+from midigen.codec.midi_io import CONTINUATION_MARKER, load_score
+from midigen.codec.registry import load_tokenizer
 from midigen.errors import BadMidiError, MidigenError
+from midigen.evaluation.piece import load_piece
 from midigen.evaluation.metrics import (
     METRICS,
     compare_distributions,
     compare_sets,
+    far_quote_mask,
+    far_quotes,
     gaussian_kde,
     measure_set,
     piece_metrics,
@@ -267,3 +272,69 @@ def test_cli_compares_and_writes_json_and_png(
     pixels = imread(out_png)
     assert pixels.shape[:2] == (660, 1280)  # 3 rows × 4 panels of 320 × 220 px
     assert pixels[..., :3].std() > 0.05
+
+
+# Far quotes, on the tokens of real prompts. The 48 opening tokens of this one hold 33 passages of 16 tokens
+# (ending at its tokens 15..47) found nowhere else in it, nor in the other prompt's opening.
+QUOTED, OTHER = "Call_Me_Maybe_-_Carly_Rae_Jepsen_-_Chorus.mid", "Levels_-_Avicii_-_Verse.mid"
+
+
+def prompt_tokens(prompt_files: list[Path], name: str) -> np.ndarray:
+    (path,) = [path for path in prompt_files if path.name == name]
+    return load_tokenizer(TokenizerConfig()).encode(path).tokens
+
+
+def test_a_quote_from_beyond_the_window_is_counted(prompt_files: list[Path]) -> None:
+    prompt = prompt_tokens(prompt_files, QUOTED)
+    tokens = np.concatenate([prompt, prompt[:48]])  # the continuation quotes the opening, len(prompt) tokens back
+    quotes = far_quote_mask(tokens, prompt.size, window=prompt.size - 1)
+    assert quotes.shape == (48,)
+    assert np.flatnonzero(quotes).tolist() == list(range(15, 48))
+
+
+def test_a_quote_within_the_window_is_not_counted(prompt_files: list[Path]) -> None:
+    prompt = prompt_tokens(prompt_files, QUOTED)
+    tokens = np.concatenate([prompt, prompt[:48]])
+    assert not far_quote_mask(tokens, prompt.size, window=prompt.size).any()  # exactly `window` back: in sight
+
+
+def test_no_repeat_no_quote(prompt_files: list[Path]) -> None:
+    prompt = prompt_tokens(prompt_files, QUOTED)
+    tokens = np.concatenate([prompt, prompt_tokens(prompt_files, OTHER)[:48]])
+    assert not far_quote_mask(tokens, prompt.size, window=0).any()
+
+
+def test_the_continuation_quoting_itself_is_not_a_prompt_quote(prompt_files: list[Path]) -> None:
+    prompt, other = prompt_tokens(prompt_files, OTHER), prompt_tokens(prompt_files, QUOTED)
+    tokens = np.concatenate([prompt, other[:100], other[:48]])  # the continuation repeats its own opening
+    assert not far_quote_mask(tokens, prompt.size, window=10).any()
+    prompt = np.concatenate([prompt, other[:48]])  # now the prompt ends with it too: only the first copy counts
+    tokens = np.concatenate([prompt, other[:100], other[:48]])
+    assert np.flatnonzero(far_quote_mask(tokens, prompt.size, window=10)).tolist() == list(range(15, 48))
+
+
+def test_far_quotes_of_a_generated_file_and_in_the_cli_json(
+    tmp_path: Path, prompt_files: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real prompt, then a copy of it from the next bar on behind `midigen generate`'s marker."""
+    (path,) = [path for path in prompt_files if path.name == QUOTED]
+    score, end = load_score(path), int(load_piece(path).bar_starts[-1])
+    for track in score.tracks:
+        track.notes.extend([symusic.Note(n.time + end, n.duration, n.pitch, n.velocity) for n in list(track.notes)])
+    score.markers.append(symusic.TextMeta(end, CONTINUATION_MARKER))
+    # The prompt's notes are 184 tokens (its start and end tokens apart): the copy quotes them 184 tokens back.
+    beyond, within = far_quotes(score, window=183), far_quotes(score, window=184)
+    assert beyond is not None and within is not None
+    assert beyond["continuation_tokens"] == within["continuation_tokens"] == 184
+    assert beyond["far_quotes"] > 100 and beyond["far_quote_share"] == beyond["far_quotes"] / 184
+    assert within["far_quotes"] == 0 and within["far_quote_share"] == 0.0
+    assert far_quotes(path) is None  # no marker: not a continuation
+
+    generated = tmp_path / "generated.mid"
+    score.dump_midi(str(generated))
+    out_json = tmp_path / "m.json"
+    assert main(["metrics", str(generated), str(path), "--window", "183", "--json", str(out_json), "--quiet"]) == 0
+    pieces = json.loads(out_json.read_text())["pieces"]
+    assert {key: pieces[str(generated)][key] for key in beyond} == beyond
+    assert "far_quotes" not in pieces[str(path)]
+    assert f"far quotes: {beyond['far_quotes']} of 184 continuation tokens" in capsys.readouterr().out

@@ -240,6 +240,7 @@ def test_a_generation_is_the_one_generate_gives_in_process(url: str, tiny_run: P
     assert take["notes"] == notes_of(score, 8, prompt)
     assert sum(note["prompt"] for note in take["notes"]) == len(prompt)
     assert take["seed"] == 7 and take["new_tokens"] == len(expected.sequence) - expected.prompt_length
+    assert take["time_limited"] is False
     assert any(n["prompt"] for n in take["notes"]) and any(not n["prompt"] for n in take["notes"])
     downloaded = httpx.get(url + take["mid"])
     assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "audio/midi"
@@ -249,6 +250,15 @@ def test_a_generation_is_the_one_generate_gives_in_process(url: str, tiny_run: P
     assert httpx.get(f"{url}/api/generations/{take['id']}").json() == take
     png = httpx.get(url + take["png"])
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_a_generation_past_the_time_limit_keeps_what_it_has_and_says_so(url: str, tiny_run: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation_module, "MAX_RUN_SECONDS", 0.0)  # over as soon as it starts
+    take = post(url, files={"prompt": ("elise.mid", PROMPT.read_bytes())}, model=tiny_run.name, bars=8, seed=3).json()
+    assert take["time_limited"] is True
+    assert take["new_tokens"] == 1  # stopped at its first token, which is kept
+    assert any(note["prompt"] for note in take["notes"])
 
 
 @pytest.mark.skipif(service_module._wav_rendering() != "ok", reason="fluidsynth or a SoundFont is missing (`make setup`)")

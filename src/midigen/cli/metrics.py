@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from midigen.evaluation.metrics import DEFAULT_WINDOW
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "repetition and back-to-back loops (definitions: `python -m pydoc midigen.evaluation.metrics`). "
             "With --reference, for each metric the overlap area and KL divergence (Yang & Lerch 2018) of the "
             "kernel density estimates of the two sets' per-piece values. Folders are searched recursively; "
-            "unreadable files are skipped and listed. Exits 2 when no file could be measured."
+            "unreadable files are skipped and listed. For each file with `midigen generate`'s continuation "
+            "marker, the far quotes: how many of the continuation's tokens (default tokenizer) end 16 tokens "
+            "last seen in the prompt more than --window tokens before. Exits 2 when no file could be measured."
         ),
     )
     parser.add_argument("generated", nargs="+", metavar="GEN", help="MIDI files or folders")
@@ -26,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--continuation-only", action="store_true",
         help="measure only what `midigen generate` wrote after the prompt (from its marker on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window", type=int, default=DEFAULT_WINDOW, metavar="TOKENS",
+        help="the model's context plus XL memory, in tokens: quotes from further back count as far quotes "
+             f"(default {DEFAULT_WINDOW}: 256 + 256, the small and base presets with XL memory)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -40,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.reference:
-        result = compare_sets(args.generated, args.reference, args.continuation_only, progress)
+        result = compare_sets(args.generated, args.reference, args.continuation_only, progress, args.window)
         sets = {"generated": result["generated"], "reference": result["reference"]}
     else:
-        result = measure_set(args.generated, args.continuation_only, progress)
+        result = measure_set(args.generated, args.continuation_only, progress, args.window)
         sets = {"generated": result}
     for measured in sets.values():
         for reason in measured["skipped"]:
@@ -79,6 +88,10 @@ def print_report(sets: dict[str, dict[str, Any]], comparison: dict[str, Any] | N
               f"{len(measured['degenerate_loops'])} with a degenerate loop")
         for path in measured["degenerate_loops"]:
             print(f"  degenerate loop: {path}")
+        for path, metrics in measured["pieces"].items():
+            if "far_quotes" in metrics:
+                print(f"  far quotes: {metrics['far_quotes']} of {metrics['continuation_tokens']} continuation "
+                      f"tokens ({format_value(metrics['far_quote_share'])}): {path}")
 
 
 def format_value(value: Any) -> str:

@@ -35,6 +35,15 @@ Scott's bandwidth (σ·n^(-1/5); a set whose values are all equal, or a single p
 bandwidth of both sets pooled). On a common grid the two densities give the overlap area ∫min(p, q)
 (1: the same distribution, 0: disjoint) and the KL divergence KL(reference ‖ generated) in nats
 (0: the same; densities are floored at 1e-12 so that it stays finite).
+
+Of a continuation (a file `midigen generate` wrote, with its continuation marker), `far_quotes`: how
+often it quotes prompt material from beyond the model's window (context plus XL memory, `window`
+tokens). The file is encoded by the default tokenizer; its tokens from the marker's step on are the
+continuation. A continuation token is a *far quote* when it is a recall token
+(`midigen.evaluation.recall`) of the whole sequence: the `MIN_REPEAT` (16) tokens ending with it
+last occurred, before it, ending more than `window` tokens earlier; and that latest occurrence
+begins in the prompt. `far_quotes` is their count, `far_quote_share` their share of the
+continuation's tokens.
 """
 
 from __future__ import annotations
@@ -49,9 +58,13 @@ import symusic
 from tqdm import tqdm
 
 from midigen.codec import pitch_name
+from midigen.codec.config import TokenizerConfig
+from midigen.codec.midi_io import load_score
+from midigen.codec.registry import load_tokenizer
 from midigen.codec.timing import ticks_to_steps
 from midigen.errors import MidigenError
-from midigen.evaluation.piece import Piece, load_piece
+from midigen.evaluation.piece import Piece, continuation_tick, load_piece
+from midigen.evaluation.recall import recall_targets
 
 METRICS = (
     "pitch_range",
@@ -75,6 +88,7 @@ MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10)
 KDE_GRID_POINTS = 1024
 DENSITY_FLOOR = 1e-12
+DEFAULT_WINDOW = 512  # context (256) plus XL memory (one segment) of the "small" and "base" presets
 
 BarContent = tuple[tuple[int, int, int], ...]
 
@@ -108,6 +122,32 @@ def piece_metrics(source: str | Path | bytes | symusic.Score, continuation_only:
         "longest_loop_repeats": loop_repeats,
         "degenerate_loop": degenerate,
     }
+
+
+def far_quotes(source: str | Path | bytes | symusic.Score, window: int = DEFAULT_WINDOW) -> dict[str, Any] | None:
+    """{"far_quotes": count, "far_quote_share": share of the continuation's tokens (None for none),
+    "continuation_tokens"} (see the module docstring); None for a file without a continuation marker."""
+    score = load_score(source)
+    tick = continuation_tick(score)
+    if tick is None:
+        return None
+    tokenizer = load_tokenizer(TokenizerConfig())
+    sequence = tokenizer.encode(score)
+    marker_step = tick * tokenizer.config.steps_per_quarter / score.ticks_per_quarter
+    start = int(np.searchsorted(sequence.steps, marker_step, side="left"))  # first token at or after the marker
+    quotes = far_quote_mask(sequence.tokens, start, window)
+    count = int(quotes.sum())
+    return {"far_quotes": count, "far_quote_share": count / quotes.size if quotes.size else None,
+            "continuation_tokens": int(quotes.size)}
+
+
+def far_quote_mask(tokens: np.ndarray, start: int, window: int) -> np.ndarray:
+    """(T − start,) bool over the continuation `tokens[start:]`: true for each token that ends `MIN_REPEAT` tokens
+    whose latest earlier occurrence ended more than `window` tokens before it and begins in the prompt."""
+    tokens = np.asarray(tokens)
+    # A recall token of the whole sequence whose latest earlier occurrence begins in the continuation is, at the
+    # same distance, a recall token of the continuation alone; the others quote the prompt.
+    return recall_targets(tokens, window)[start:] & ~recall_targets(tokens[start:], window)
 
 
 def pitch_class_entropy(pitches: np.ndarray) -> float:
@@ -238,9 +278,11 @@ def find_pieces(sources: Iterable[str | Path]) -> list[Path]:
 
 
 def measure_set(
-    sources: Iterable[str | Path], continuation_only: bool = False, progress: bool = False
+    sources: Iterable[str | Path], continuation_only: bool = False, progress: bool = False,
+    window: int = DEFAULT_WINDOW,
 ) -> dict[str, Any]:
-    """Metrics of every MIDI file in `sources` (files, or folders searched recursively).
+    """Metrics of every MIDI file in `sources` (files, or folders searched recursively), with `far_quotes`
+    (beyond `window` tokens) added to those of each file that has a continuation marker.
 
     Returns {"pieces": {path: metrics}, "skipped": [one-line reason, ...], "summary": {metric:
     {"mean", "std", "count"}}, "degenerate_loops": [path, ...]}; a `MidigenError` if no file could be
@@ -252,7 +294,8 @@ def measure_set(
     skipped: list[str] = []
     for path in tqdm(paths, desc="metrics", unit="file", disable=not progress):
         try:
-            pieces[str(path)] = piece_metrics(path, continuation_only)
+            metrics = piece_metrics(path, continuation_only)
+            pieces[str(path)] = metrics | (far_quotes(path, window) or {})
         except MidigenError as exc:
             skipped.append(str(exc))
     if not pieces:
@@ -288,6 +331,7 @@ def compare_sets(
     reference: Iterable[str | Path],
     continuation_only: bool = False,
     progress: bool = False,
+    window: int = DEFAULT_WINDOW,
 ) -> dict[str, Any]:
     """Measure both sets and compare each metric's distributions.
 
@@ -295,8 +339,8 @@ def compare_sets(
     {"overlap_area", "kl_divergence"} or None when a set has no value}}. Only the generated set is
     cut to its continuation with `continuation_only`; the reference is measured whole.
     """
-    generated_set = measure_set(generated, continuation_only, progress)
-    reference_set = measure_set(reference, False, progress)
+    generated_set = measure_set(generated, continuation_only, progress, window)
+    reference_set = measure_set(reference, False, progress, window)
     comparison: dict[str, dict[str, float] | None] = {}
     for metric in METRICS:
         gen_values = metric_values(generated_set["pieces"], metric)

@@ -173,17 +173,19 @@ def timeline(prompt: Prompt, bars: int, steps_per_quarter: int) -> dict[str, Any
             "continuation_step": prompt.end_step}
 
 
-def note_streamer(job: Job, deadline: float) -> Callable[[TokenEvent], bool]:
+class NoteStreamer:
     """`generate`'s `on_token`: emits each note as it is completed, and stops the generation when the job is
-    cancelled or past its deadline."""
+    cancelled or past its deadline (then `timed_out` is True)."""
 
-    def on_token(event: TokenEvent) -> bool:
+    def __init__(self, job: Job, deadline: float) -> None:
+        self.job, self.deadline, self.timed_out = job, deadline, False
+
+    def __call__(self, event: TokenEvent) -> bool:
         if event.note is not None:
-            job.emit("note", {"pitch": event.note.pitch, "step": event.step, "length": event.note.length,
-                              "bar": event.bar, "instrument": event.note.instrument})
-        return job.cancelled or time.monotonic() > deadline
-
-    return on_token
+            self.job.emit("note", {"pitch": event.note.pitch, "step": event.step, "length": event.note.length,
+                                   "bar": event.bar, "instrument": event.note.instrument})
+        self.timed_out = self.timed_out or time.monotonic() > self.deadline
+        return self.job.cancelled or self.timed_out
 
 
 def run_generation(job: Job, loaded: LoadedModel, model_name: str, prompt: Prompt, request: GenerationRequest,
@@ -198,8 +200,8 @@ def run_generation(job: Job, loaded: LoadedModel, model_name: str, prompt: Promp
     prompt_score = tokenizer.decode(prompt.sequence, prompt.tempos, prompt.grid)
     prompt_notes = [{**note, "prompt": True} for note in notes_of(prompt_score, config.steps_per_quarter)]
     job.emit("start", {"id": job.id, **layout, "prompt_notes": prompt_notes})
-    on_token = note_streamer(job, time.monotonic() + MAX_RUN_SECONDS)
-    generation = generate(loaded, prompt, request.sampling, bars=request.bars, on_token=on_token,
+    streamer = NoteStreamer(job, time.monotonic() + MAX_RUN_SECONDS)
+    generation = generate(loaded, prompt, request.sampling, bars=request.bars, on_token=streamer,
                           instruments=(request.instruments or None) if config.instruments else None)
     if job.cancelled:
         raise Cancelled
@@ -215,6 +217,7 @@ def run_generation(job: Job, loaded: LoadedModel, model_name: str, prompt: Promp
             **layout, "continuation_step": continuation,
             "notes": notes_of(score, config.steps_per_quarter, prompt_notes),
             "new_tokens": len(generation.sequence) - generation.prompt_length, "seed": generation.seed,
+            "time_limited": streamer.timed_out,  # cut short by MAX_RUN_SECONDS, with what it had
             "program": program, **urls(job.id)}
     takes.save(job.id, score, info)
     return info

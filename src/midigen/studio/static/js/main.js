@@ -254,7 +254,8 @@ async function generate() {
         addTake(data);
         showTake(data);
         setStatus(`done: ${data.notes.filter((n) => !n.prompt).length} new notes` +
-          (firstNote === null ? "" : ` (first after ${Math.round(firstNote)} ms)`));
+          (firstNote === null ? "" : ` (first after ${Math.round(firstNote)} ms)`) +
+          (data.time_limited ? "; stopped at the studio's time limit" : ""));
       }
       updateRollInfo();
     }
