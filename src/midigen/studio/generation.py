@@ -32,7 +32,6 @@ from midigen.studio.takes import TAKE_ID, Takes
 MAX_UPLOAD_BYTES = 16 * 2**20  # a prompt file, MIDI or audio
 MAX_BARS = 64  # bars to generate, and bars of a prompt
 MAX_RUN_SECONDS = 300.0  # wall-clock time a generation may take before it stops with what it has
-PARSE_TIMEOUT_S = 10.0  # a MIDI upload the parser has not finished with by then is refused
 TEXT_FIELDS = ("model", "take", "prompt_bars", "bars", "temperature", "top_p", "seed", "instruments")
 
 

@@ -21,7 +21,7 @@ from midigen.errors import MidigenError
 from midigen.evaluation.render import find_fluidsynth, find_soundfont
 from midigen.inference.generate import Prompt, empty_prompt
 from midigen.inference.model_files import LoadedModel
-from midigen.studio.generation import PARSE_TIMEOUT_S, GenerationRequest, notes_of, prompt_from_midi, run_generation, upload_suffix, urls
+from midigen.studio.generation import GenerationRequest, notes_of, prompt_from_midi, run_generation, upload_suffix, urls
 from midigen.studio.jobs import BusyError, Job, JobQueue
 from midigen.studio.models import ModelShelf
 from midigen.studio.takes import Takes, new_take_id
@@ -29,6 +29,7 @@ from midigen.studio.transcription import TEMPO_QPM, Transcriber
 
 DEFAULT_QUEUE = 4  # generations that may wait behind the running one
 TRANSCRIPTIONS_WAITING = 4  # clips that may wait for the transcriber
+PARSE_TIMEOUT_S = 10.0  # a MIDI upload the parser has not finished with by then is refused
 UNSAFE_NAME_CHARACTERS = re.compile(r"[^\w.\- ]")
 
 
