@@ -63,19 +63,20 @@ def small_model(memory: str) -> LoadedModel:
 
 def decode_one_lane(decoder_class: type, model: MusicTransformer, new_tokens: int) -> float:
     """Seconds to sample `new_tokens` tokens from nothing with `decoder_class`, one token per call."""
-    grammar = load_tokenizer(TOKENIZER).grammar.on(torch.device("cpu"))
+    tables = load_tokenizer(TOKENIZER).grammar
+    grammar = tables.on(torch.device("cpu"))
     generators = [torch.Generator().manual_seed(0)]
     decoder = decoder_class(model)
-    phase, lowest, instrument = (torch.tensor([value]) for value in load_tokenizer(TOKENIZER).grammar.start)
+    state = torch.as_tensor(tables.states([np.array([Vocab.SOS])]))
     token, step = torch.tensor([Vocab.SOS]), 0
     start = time.perf_counter()
     logits = decoder.feed(token.view(1, 1), {"bars": torch.zeros(1, 1, dtype=torch.long),
                                              "beats": torch.zeros(1, 1, dtype=torch.long)})
     for _ in range(new_tokens):
-        token = sample_tokens(logits.view(1, -1), grammar.allowed(phase, lowest, instrument, False), SAMPLING,
-                              generators)
-        phase, lowest, instrument, advance, _ = grammar.feed(phase, lowest, instrument, token)
-        step += int(advance)
+        token = sample_tokens(logits.view(1, -1), grammar.allowed(state, False), SAMPLING, generators)
+        fed = grammar.feed(state, token)
+        state = fed.state
+        step += int(fed.advance)
         logits = decoder.feed(token.view(1, 1), {"bars": torch.tensor([[step // 32]]),
                                                  "beats": torch.tensor([[step % 32]])})
     return time.perf_counter() - start

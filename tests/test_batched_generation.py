@@ -106,9 +106,9 @@ def test_the_callback_sees_every_returned_token_in_order(tiny_run: Path) -> None
         assert [e.bar for e in events] == generation.sequence.bars[start:].tolist()
         assert [e.count for e in events] == list(range(1, len(events) + 1))
         previous = generation.sequence.tokens[start - 1 : -1]
-        expected = [NoteEvent(int(p) - VOCAB.note(0), e.token - VOCAB.duration(1) + 1, 0)
-                    if VOCAB.is_note(int(p)) and VOCAB.is_duration(e.token) else None for p, e in zip(previous, events)]
-        assert [e.note for e in events] == expected and any(expected)
+        expected = [(NoteEvent(e.step, int(p) - VOCAB.note(0), e.token - VOCAB.duration(1) + 1, 0),)
+                    if VOCAB.is_note(int(p)) and VOCAB.is_duration(e.token) else () for p, e in zip(previous, events)]
+        assert [e.notes for e in events] == expected and any(expected)
 
 
 def test_the_callback_stops_one_lane_and_leaves_the_others_alone(tiny_run: Path) -> None:
@@ -119,7 +119,7 @@ def test_the_callback_stops_one_lane_and_leaves_the_others_alone(tiny_run: Path)
     notes = []
 
     def stop_lane_1_at_its_third_note(event: TokenEvent) -> bool:
-        if event.lane == 1 and event.note is not None:
+        if event.lane == 1 and event.notes:
             notes.append(event.count)
         return len(notes) == 3 and event.lane == 1
 
@@ -194,25 +194,28 @@ def test_the_device_grammar_follows_the_numpy_grammar_along_real_songs(prompt_fi
             assert song.tokens[0] == Vocab.SOS and tables.check(song.tokens) is None
             batch[lane, : len(song)] = torch.from_numpy(song.tokens)
         states = [tables.start] * len(songs)
-        phase, lowest, instrument = (torch.tensor([value] * len(songs)) for value in tables.start)
+        state = torch.as_tensor(tables.states([song.tokens[:1] for song in songs]))
         steps = np.zeros(len(songs), dtype=np.int64)
         features = [tables.instrument_features(song.tokens) for song in songs]
         for index in range(1, width):
             for allow_end in (False, True):
-                on_device = device.allowed(phase, lowest, instrument, allow_end)
+                on_device = device.allowed(state, allow_end)
                 expected = np.stack([tables.allowed(state, allow_end) for state in states])
                 assert np.array_equal(on_device.numpy(), expected), (config, index, allow_end)
             tokens = batch[:, index]
-            phase, lowest, instrument, advance, feature = device.feed(phase, lowest, instrument, tokens)
-            states = [tables.feed(state, int(token)) for state, token in zip(states, tokens.tolist())]
-            assert list(zip(phase.tolist(), lowest.tolist(), instrument.tolist())) == states, (config, index)
-            steps += advance.numpy()
+            fed = device.feed(state, tokens)
+            state = fed.state
+            states = [tables.feed(lane_state, int(token)) for lane_state, token in zip(states, tokens.tolist())]
+            assert [tuple(row[:3]) for row in state.tolist()] == states, (config, index)
+            assert torch.equal(fed.lead, fed.advance)
+            steps += fed.advance.numpy()
             for lane, song in enumerate(songs):
                 if index < len(song):
                     assert steps[lane] == song.steps[index], (prompt_files[lane], index)
-                    assert int(feature[lane]) == features[lane][index]
-        assert all(state[0] == tables.state_after(song.tokens)[0] for state, song in zip(states, songs))
-        assert {state[0] for state in states} == {tables.feed(tables.start, Vocab.EOS)[0]}  # every song ended
+                    if "instruments" in fed.features:
+                        assert int(fed.features["instruments"][lane]) == features[lane][index]
+        assert all(lane_state[0] == tables.state_after(song.tokens)[0] for lane_state, song in zip(states, songs))
+        assert {lane_state[0] for lane_state in states} == {tables.feed(tables.start, Vocab.EOS)[0]}  # every song ended
 
 
 def test_knn_lanes_stacked_and_selected_search_as_they_did_alone() -> None:

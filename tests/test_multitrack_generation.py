@@ -87,8 +87,8 @@ def test_streamed_notes_are_the_notes_of_the_continuation(band_run: Path) -> Non
     events: list[TokenEvent] = []
     generation = generate(loaded, load_prompt(BAND, 1, tokenizer), SamplingConfig(seed=2), new_tokens=120,
                           on_token=events.append)
-    streamed = sorted((event.step, event.note.pitch, event.note.length if event.note.instrument != 128 else 1,
-                       event.note.instrument) for event in events if event.note is not None)
+    streamed = sorted((note.step, note.pitch, note.length if note.instrument != 128 else 1, note.instrument)
+                      for event in events for note in event.notes)
     notes = decode_multitrack(generation.sequence.tokens, tokenizer.config)
     prompt_notes = decode_multitrack(generation.sequence.tokens[: generation.prompt_length], tokenizer.config)
     decoded = sorted(set(zip(notes.steps.tolist(), notes.pitches.tolist(), notes.durations.tolist(),

@@ -117,14 +117,14 @@ def test_the_grammar_accepts_real_songs_and_its_torch_tables_agree_with_numpy(co
         if config.instruments:  # the feature the generator derives from the grammar is the encoder's
             assert np.array_equal(tables.instrument_features(sequence.tokens), sequence.features["instruments"]), path
         state = tables.start
-        phase, lowest, instrument = (torch.tensor([value]) for value in state)
+        lane = torch.as_tensor(tables.states([sequence.tokens[:1]]))  # (1, 4)
         steps = 0
         for token in sequence.tokens[1:].tolist():
-            assert torch.equal(device.allowed(phase, lowest, instrument, True)[0],
-                               torch.from_numpy(tables.allowed(state, True)))
+            assert torch.equal(device.allowed(lane, True)[0], torch.from_numpy(tables.allowed(state, True)))
             state = tables.feed(state, token)
-            phase, lowest, instrument, advance, _ = device.feed(phase, lowest, instrument, torch.tensor([token]))
-            steps += int(advance)
-            assert (int(phase), int(lowest), int(instrument)) == state
+            fed = device.feed(lane, torch.tensor([token]))
+            lane = fed.state
+            steps += int(fed.advance)
+            assert tuple(lane[0, :3].tolist()) == state
         assert PHASES[state[0]] == "end"
         assert steps == int(sequence.steps[-1])  # time moves on by the gaps alone

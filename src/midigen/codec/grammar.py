@@ -9,11 +9,14 @@ A lane's state is three numbers: its phase (what the last token was), the lowest
 go lower) and its current instrument (0 none, 1 + program, `DRUMS` for the drum run). Every rule is a table look-up:
 `allowed = phase_mask[phase] & instrument_mask[instrument] & lowest_mask[instrument == DRUMS, lowest]`, and the next
 state is `next_*[phase, token]` (−1: unchanged). The same tables run in numpy (checking a sequence) and in torch on
-the model's device (many lanes at once).
+the model's device (many lanes at once, `DeviceGrammar`), where a lane's state also keeps the pitch of the note awaiting
+its duration, so that the duration token reports the note it completes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,11 +33,28 @@ NO_LOWEST = NUM_PITCHES  # the lowest-pitch component of a run with no note yet
 KEEP = -1
 
 
+NOTE_FIELDS = 4  # a `Fed.notes` row: (offset, pitch, length, instrument)
+
+
+@dataclass
+class Fed:
+    """What one token did to each lane of a batch (`LaneGrammar.feed`)."""
+
+    state: torch.Tensor  # (B, S) each lane's grammar state after the token
+    lead: torch.Tensor  # (B,) steps from the lane's step before the token to the token's own step
+    advance: torch.Tensor  # (B,) steps from the lane's step before the token to its step after it (>= lead)
+    features: dict[str, torch.Tensor]  # name → (B,): the token's features that follow from the grammar state
+    notes: torch.Tensor  # (B, N, NOTE_FIELDS) notes the token completes: (onset offset from the step before the
+    # token, pitch, length in steps (1 for a drum hit), instrument (program, 128 drums, 0 in a single stream));
+    # rows with pitch −1 are empty
+
+
 class GrammarTables:
     """The grammar of sequences encoded with `config`, as numpy tables (see the module doc)."""
 
     def __init__(self, config: TokenizerConfig) -> None:
         vocab = self.vocab = config.vocab
+        self.instruments = config.instruments
         size, values = vocab.size, vocab.values()
         family = {name: vocab.family_of(name) for name in ("note", "duration", "instrument", "hit", "velocity")}
         code = {name: index for index, name in enumerate(PHASES)}
@@ -124,6 +144,18 @@ class GrammarTables:
             state = self.feed(state, token)
         return state
 
+    def states(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, 4) each sequence's state for a lane: (phase, lowest, instrument) after it, and the pitch of its last
+        note token (the note a duration completes), −1 if none."""
+        notes = self.vocab.ids_of("note")
+        rows = []
+        for tokens in sequences:
+            tokens = np.asarray(tokens)
+            note_tokens = tokens[(tokens >= notes.start) & (tokens < notes.stop)]
+            pending = int(note_tokens[-1]) - notes.start if note_tokens.size else -1
+            rows.append((*self.state_after(tokens), pending))
+        return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
     def check(self, tokens: np.ndarray) -> int | None:
         """Index of the first token that breaks the grammar, or None (a leading `<sos>` is the start)."""
         state = self.start
@@ -149,7 +181,8 @@ class GrammarTables:
 
 
 class DeviceGrammar:
-    """The tables of a `GrammarTables` on a torch device, for a batch of lanes: states are (B,) long tensors."""
+    """The tables of a `GrammarTables` on a torch device, for a batch of lanes (a `LaneGrammar`): a lane's state is
+    (phase, lowest, instrument, pending pitch), see `GrammarTables.states`."""
 
     def __init__(self, tables: GrammarTables, device: torch.device) -> None:
         import torch
@@ -161,20 +194,38 @@ class DeviceGrammar:
         self.next_phase, self.next_lowest = as_tensor(tables.next_phase), as_tensor(tables.next_lowest)
         self.next_instrument, self.feature_off = as_tensor(tables.next_instrument), as_tensor(tables.feature_off)
         self.advance, self.completes = as_tensor(tables.advance), as_tensor(tables.completes)
+        vocab = tables.vocab
+        self.values = as_tensor(vocab.values())
+        self.is_note, self.is_hit = as_tensor(vocab.family_of("note")), as_tensor(vocab.family_of("hit"))
+        self.instruments = tables.instruments
 
-    def allowed(self, phase: torch.Tensor, lowest: torch.Tensor, instrument: torch.Tensor, allow_end: bool) -> torch.Tensor:
+    def allowed(self, state: torch.Tensor, allow_end: bool) -> torch.Tensor:
         """(B, V) bool: the tokens each lane may take next."""
+        phase, lowest, instrument = state[:, 0], state[:, 1], state[:, 2]
         mask = self.phase_mask[phase] & self.instrument_mask[instrument] & self.lowest_mask[(instrument == DRUMS).long(), lowest]
         if allow_end:
             mask = mask | (self.eos & self.ends[phase].unsqueeze(1))
         return mask
 
-    def feed(self, phase: torch.Tensor, lowest: torch.Tensor, instrument: torch.Tensor,
-             tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The state (phase, lowest, instrument) of each lane after `tokens` (B,), the steps each token moves time
-        on, and each token's `instruments` feature."""
+    def feed(self, state: torch.Tensor, tokens: torch.Tensor) -> Fed:
+        """Each lane's state after `tokens` (B,), the steps each token moves time on, its `instruments` feature and
+        the note it completes (a note's duration, a drum hit)."""
+        import torch
+
+        phase, lowest, instrument, pending = state.unbind(1)
         new_lowest, new_instrument = self.next_lowest[phase, tokens], self.next_instrument[phase, tokens]
         lowest = lowest.where(new_lowest == KEEP, new_lowest)
         instrument_after = instrument.where(new_instrument == KEEP, new_instrument)
-        feature = instrument_after.where(~self.feature_off[phase, tokens], 0)
-        return self.next_phase[phase, tokens], lowest, instrument_after, self.advance[phase, tokens], feature
+        value, hit = self.values[tokens], self.is_hit[tokens]
+        pending = value.where(self.is_note[tokens], pending)
+        next_phase, advance = self.next_phase[phase, tokens], self.advance[phase, tokens]
+        completes = self.completes[next_phase]
+        pitch = value.where(hit, pending).where(completes, -1)
+        length = torch.ones_like(value).where(hit, value)
+        program = instrument_after - 1 if self.instruments else torch.zeros_like(instrument_after)
+        notes = torch.stack([advance, pitch, length, program], dim=1).unsqueeze(1)  # (B, 1, NOTE_FIELDS)
+        features = {}
+        if self.instruments:
+            features["instruments"] = instrument_after.where(~self.feature_off[phase, tokens], 0)
+        return Fed(torch.stack([next_phase, lowest, instrument_after, pending], dim=1), advance, advance, features,
+                   notes)

@@ -9,17 +9,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import symusic
 
 from midigen.codec.config import TokenizerConfig, Vocab
-from midigen.codec.grammar import GrammarTables
+from midigen.codec.grammar import Fed
 from midigen.codec.midi_io import NoteTable
 from midigen.codec.timing import BarGrid
 from midigen.codec.tokenizer import EncodedFile, TokenSequence
 
+if TYPE_CHECKING:  # encoding never loads torch; only generation puts a grammar on a device
+    import torch
+
+
+class LaneGrammar(Protocol):
+    """A grammar's tables on a torch device, stepping a batch of lanes at once; states are (B, S) long tensors."""
+
+    def allowed(self, state: torch.Tensor, allow_end: bool) -> torch.Tensor:
+        """(B, V) bool: the tokens each lane may take next (`<eos>` only where `allow_end`)."""
+        ...
+
+    def feed(self, state: torch.Tensor, tokens: torch.Tensor) -> Fed:
+        """Each lane's state after its token (B,), with the token's timing, features and completed notes."""
+        ...
+
+
+class Grammar(Protocol):
+    """Which tokens may come next, so that every generated sequence decodes."""
+
+    def check(self, tokens: np.ndarray) -> int | None:
+        """Index of the first token that breaks the grammar, or None (a leading `<sos>` is the start)."""
+        ...
+
+    def states(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, S) the state after each sequence (each starts with `<sos>`)."""
+        ...
+
+    def on(self, device: torch.device) -> LaneGrammar: ...
 
 
 class Tokenizer(Protocol):
@@ -40,7 +68,7 @@ class Tokenizer(Protocol):
         ...
 
     @property
-    def grammar(self) -> GrammarTables: ...
+    def grammar(self) -> Grammar: ...
 
     def encode(self, source: str | Path | bytes | symusic.Score | NoteTable) -> TokenSequence: ...
 

@@ -82,9 +82,10 @@ def as_batch(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def lane_inputs(sequence: TokenSequence, names: Sequence[str], window: slice,
                 device: torch.device) -> tuple[torch.Tensor, Features]:
-    """A sequence's tokens and named features in `window`, as a batch of one lane (1, T)."""
+    """A sequence's tokens and its features among `names` in `window`, as a batch of one lane (1, T). (Features
+    a token's id implies, such as its pitch class, are not in sequences: the model looks them up.)"""
     return (as_batch(sequence.tokens[window], device),
-            {name: as_batch(sequence.features[name][window], device) for name in names})
+            {name: as_batch(sequence.features[name][window], device) for name in names if name in sequence.features})
 
 
 class LaneCache:
@@ -282,9 +283,10 @@ class Generation:
 class NoteEvent:
     """A note the model has just completed."""
 
+    step: int  # grid step of its onset
     pitch: int
     length: int  # steps (1 for a drum hit)
-    instrument: int  # General MIDI program, or 128 for drums
+    instrument: int  # General MIDI program, or 128 for drums (0 in a single stream)
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ class TokenEvent:
     token: int
     step: int  # grid step the token is at (after a gap's length: where the next note will start)
     bar: int
-    note: NoteEvent | None  # the note this token completes (a note's duration, a drum hit), else None
+    notes: tuple[NoteEvent, ...]  # the notes this token completes (a note's duration, a drum hit), in step order
     count: int  # tokens this lane has generated, this one included
 
 
@@ -381,15 +383,11 @@ def generate_batch(
     seed = sampling.seed if sampling.seed is not None else int(torch.seed() % 2**62)
     generators = [torch.Generator().manual_seed(seed + lane) for lane in range(len(lanes))]
     grammar = tokenizer.grammar.on(device)
-    phase, lowest, instrument = torch.tensor([tokenizer.grammar.state_after(prompt.sequence.tokens) for prompt in lanes],
-                                             device=device).unbind(1)  # (B,) each
+    state = torch.as_tensor(tokenizer.grammar.states([prompt.sequence.tokens for prompt in lanes]), device=device)
     decoder, logits = prefill(trained.model, list(prompts), num_samples)
-    values = tokenizer.vocab.values()  # pitch of a note or hit, steps of a duration
-    sounding, hits = tokenizer.sounding(), tokenizer.vocab.family_of("hit")
-    names = list(trained.model.config.embeddings)
+    names = [name for name in trained.model.config.embeddings if name in tokenizer.feature_sizes]
 
     rows = np.arange(len(lanes))  # the lane of each row of the batch
-    pending = np.full(len(lanes), -1)  # each lane's note awaiting its duration, else −1
     step = np.array([prompt.sequence.steps[-1] for prompt in lanes])
     ends = np.array([end_step(prompt, bars, seconds, config.steps_per_quarter) for prompt in lanes])
     grids = list({id(prompt.grid): prompt.grid for prompt in lanes}.values())  # distinct grids (most share one)
@@ -397,29 +395,25 @@ def generate_batch(
     record: list[dict[str, np.ndarray]] = []  # per step: rows' lanes, tokens, steps and features
     count = 0
     while True:
-        allowed = grammar.allowed(phase, lowest, instrument, until_end) & chosen
+        allowed = grammar.allowed(state, until_end) & chosen
         sampled = sample_tokens(logits, allowed, sampling, generators)  # (B,)
-        phase, lowest, instrument, advance, instrument_feature = grammar.feed(phase, lowest, instrument, sampled)
-        tokens = sampled.cpu().numpy()
-        step = step + advance.cpu().numpy()
-        bar, beat = locate(grids, grid_of, step)
+        fed = grammar.feed(state, sampled)
+        state, tokens = fed.state, sampled.cpu().numpy()
+        token_step = step + fed.lead.cpu().numpy()
+        before, step = step, step + fed.advance.cpu().numpy()
+        bar, beat = locate(grids, grid_of, token_step)
         count += 1
-        features = {"bars": bar, "beats": beat, "instruments": instrument_feature.cpu().numpy()}
-        record.append({"lane": rows, "tokens": tokens, "steps": step}
+        features = {"bars": bar, "beats": beat} | {name: value.cpu().numpy() for name, value in fed.features.items()}
+        record.append({"lane": rows, "tokens": tokens, "steps": token_step}
                       | {name: features[name] for name in tokenizer.feature_sizes})
         done = (step >= ends) | (tokens == Vocab.EOS) | (new_tokens is not None and count >= new_tokens)
         if on_token is not None:
-            completes = grammar.completes[phase].cpu().numpy()
-            feature_now = features["instruments"]
+            notes = fed.notes.cpu().numpy()  # (B, N, NOTE_FIELDS)
             for row, lane in enumerate(rows.tolist()):
-                note = None
-                if completes[row]:
-                    pitch_token = int(tokens[row]) if hits[tokens[row]] else int(pending[row])
-                    note = NoteEvent(int(values[pitch_token]), 1 if hits[tokens[row]] else int(values[tokens[row]]),
-                                     int(feature_now[row]) - 1 if config.instruments else 0)
-                if on_token(TokenEvent(lane, int(tokens[row]), int(step[row]), int(bar[row]), note, count)):
+                completed = tuple(NoteEvent(int(before[row] + offset), int(pitch), int(length), int(program))
+                                  for offset, pitch, length, program in notes[row].tolist() if pitch >= 0)
+                if on_token(TokenEvent(lane, int(tokens[row]), int(token_step[row]), int(bar[row]), completed, count)):
                     done[row] = True
-        pending = np.where(sounding[tokens] & ~hits[tokens], tokens, pending)
         if done.all():
             break
         inputs = (sampled, {name: torch.as_tensor(features[name], device=device) for name in names})
@@ -427,10 +421,9 @@ def generate_batch(
             going = np.flatnonzero(~done)
             index = torch.as_tensor(going, device=device)
             decoder.select(index)
-            phase, lowest, instrument = phase[index], lowest[index], instrument[index]
+            state = state[index]
             inputs = (sampled[index], {name: value[index] for name, value in inputs[1].items()})
-            rows, step, ends, pending = rows[going], step[going], ends[going], pending[going]
-            grid_of = grid_of[going]
+            rows, step, ends, grid_of = rows[going], step[going], ends[going], grid_of[going]
             generators = [generators[row] for row in going]
         logits = decoder.feed(inputs[0].view(-1, 1), {name: value.view(-1, 1) for name, value in inputs[1].items()})
 

@@ -180,9 +180,9 @@ class NoteStreamer:
         self.job, self.deadline, self.timed_out = job, deadline, False
 
     def __call__(self, event: TokenEvent) -> bool:
-        if event.note is not None:
-            self.job.emit("note", {"pitch": event.note.pitch, "step": event.step, "length": event.note.length,
-                                   "bar": event.bar, "instrument": event.note.instrument})
+        for note in event.notes:
+            self.job.emit("note", {"pitch": note.pitch, "step": note.step, "length": note.length, "bar": event.bar,
+                                   "instrument": note.instrument})
         self.timed_out = self.timed_out or time.monotonic() > self.deadline
         return self.job.cancelled or self.timed_out
 
