@@ -16,6 +16,7 @@ from midigen.codec.midi_io import CONTINUATION_MARKER, load_score
 from midigen.codec.registry import load_tokenizer
 from midigen.errors import BadMidiError, MidigenError
 from midigen.evaluation.piece import load_piece
+from midigen.inference import load_model
 from midigen.evaluation.metrics import (
     METRICS,
     compare_distributions,
@@ -338,3 +339,28 @@ def test_far_quotes_of_a_generated_file_and_in_the_cli_json(
     assert {key: pieces[str(generated)][key] for key in beyond} == beyond
     assert "far_quotes" not in pieces[str(path)]
     assert f"far quotes: {beyond['far_quotes']} of 184 continuation tokens" in capsys.readouterr().out
+
+
+def test_metrics_counts_far_quotes_in_the_tokens_and_reach_of_the_model_given(
+    tmp_path: Path, prompt_files: list[Path], tiny_run: Path
+) -> None:
+    """With --model, far quotes are counted in the model's tokens (the tiny run's single stream) beyond what it
+    attends to (its 64-token context, no XL memory), not in the default tokenizer beyond 512 tokens."""
+    (path,) = [path for path in prompt_files if path.name == QUOTED]
+    score, end = load_score(path), int(load_piece(path).bar_starts[-1])
+    for track in score.tracks:
+        track.notes.extend([symusic.Note(n.time + end, n.duration, n.pitch, n.velocity) for n in list(track.notes)])
+    score.markers.append(symusic.TextMeta(end, CONTINUATION_MARKER))
+    generated = tmp_path / "generated.mid"
+    score.dump_midi(str(generated))
+    trained = load_model(tiny_run)
+    assert trained.model.config.reach == 64 and not trained.tokenizer.instruments
+    expected = far_quotes(generated, 64, trained.tokenizer)
+    assert expected is not None and expected["far_quotes"] > 0
+    assert far_quotes(generated)["far_quotes"] == 0  # the default: 512 tokens back is in sight
+
+    out_json = tmp_path / "m.json"
+    assert main(["metrics", str(generated), "--model", str(tiny_run), "--json", str(out_json), "--quiet"]) == 0
+    measured = json.loads(out_json.read_text())["pieces"][str(generated)]
+    assert {key: measured[key] for key in expected} == expected
+    assert main(["metrics", str(generated), "--model", str(tmp_path), "--quiet"]) == 2  # not a run: one line

@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "With --reference, for each metric the overlap area and KL divergence (Yang & Lerch 2018) of the "
             "kernel density estimates of the two sets' per-piece values. Folders are searched recursively; "
             "unreadable files are skipped and listed. For each file with `midigen generate`'s continuation "
-            "marker, the far quotes: how many of the continuation's tokens (default tokenizer) end 16 tokens "
-            "last seen in the prompt more than --window tokens before. Exits 2 when no file could be measured."
+            "marker, the far quotes: how many of the continuation's tokens end 16 tokens last seen in the prompt "
+            "more than --window tokens before (in the tokens of --model, and beyond what it attends to, when "
+            "given). Exits 2 when no file could be measured."
         ),
     )
     parser.add_argument("generated", nargs="+", metavar="GEN", help="MIDI files or folders")
@@ -32,9 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure only what `midigen generate` wrote after the prompt (from its marker on)",
     )  # fmt: skip
     parser.add_argument(
-        "--window", type=int, default=DEFAULT_WINDOW, metavar="TOKENS",
+        "--model", metavar="RUN",
+        help="the run or model folder that generated the files: far quotes are counted in its tokens, beyond its "
+             "context plus XL memory",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window", type=int, metavar="TOKENS",
         help="the model's context plus XL memory, in tokens: quotes from further back count as far quotes "
-             f"(default {DEFAULT_WINDOW}: 256 + 256, the small and base presets with XL memory)",
+             f"(default: that of --model, else {DEFAULT_WINDOW}: 256 + 256, the small and base presets with XL "
+             "memory, in the default tokenizer's tokens)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -47,12 +54,20 @@ def run(args: argparse.Namespace) -> int:
     from midigen.evaluation.plots import plot_metric_distributions
     from midigen.io_utils import atomic_write_text
 
+    from midigen.inference.model_files import model_folder, read_config
+
     progress = not args.quiet
+    window, tokenizer_config = DEFAULT_WINDOW, None
+    if args.model:
+        config = read_config(model_folder(args.model))
+        window, tokenizer_config = config["model"].reach, config["tokenizer"]
+    window = args.window if args.window is not None else window
     if args.reference:
-        result = compare_sets(args.generated, args.reference, args.continuation_only, progress, args.window)
+        result = compare_sets(args.generated, args.reference, args.continuation_only, progress, window,
+                              tokenizer_config)
         sets = {"generated": result["generated"], "reference": result["reference"]}
     else:
-        result = measure_set(args.generated, args.continuation_only, progress, args.window)
+        result = measure_set(args.generated, args.continuation_only, progress, window, tokenizer_config)
         sets = {"generated": result}
     for measured in sets.values():
         for reason in measured["skipped"]:

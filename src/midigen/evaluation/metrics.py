@@ -124,14 +124,16 @@ def piece_metrics(source: str | Path | bytes | symusic.Score, continuation_only:
     }
 
 
-def far_quotes(source: str | Path | bytes | symusic.Score, window: int = DEFAULT_WINDOW) -> dict[str, Any] | None:
+def far_quotes(source: str | Path | bytes | symusic.Score, window: int = DEFAULT_WINDOW,
+               tokenizer_config: TokenizerConfig | None = None) -> dict[str, Any] | None:
     """{"far_quotes": count, "far_quote_share": share of the continuation's tokens (None for none),
-    "continuation_tokens"} (see the module docstring); None for a file without a continuation marker."""
+    "continuation_tokens"} (see the module docstring), in tokens of `tokenizer_config` (the default tokenizer's if
+    None); None for a file without a continuation marker."""
     score = load_score(source)
     tick = continuation_tick(score)
     if tick is None:
         return None
-    tokenizer = load_tokenizer(TokenizerConfig())
+    tokenizer = load_tokenizer(tokenizer_config or TokenizerConfig())
     sequence = tokenizer.encode(score)
     marker_step = tick * tokenizer.config.steps_per_quarter / score.ticks_per_quarter
     start = int(np.searchsorted(sequence.steps, marker_step, side="left"))  # first token at or after the marker
@@ -279,10 +281,10 @@ def find_pieces(sources: Iterable[str | Path]) -> list[Path]:
 
 def measure_set(
     sources: Iterable[str | Path], continuation_only: bool = False, progress: bool = False,
-    window: int = DEFAULT_WINDOW,
+    window: int = DEFAULT_WINDOW, tokenizer_config: TokenizerConfig | None = None,
 ) -> dict[str, Any]:
     """Metrics of every MIDI file in `sources` (files, or folders searched recursively), with `far_quotes`
-    (beyond `window` tokens) added to those of each file that has a continuation marker.
+    (beyond `window` tokens of `tokenizer_config`) added to those of each file that has a continuation marker.
 
     Returns {"pieces": {path: metrics}, "skipped": [one-line reason, ...], "summary": {metric:
     {"mean", "std", "count"}}, "degenerate_loops": [path, ...]}; a `MidigenError` if no file could be
@@ -295,7 +297,7 @@ def measure_set(
     for path in tqdm(paths, desc="metrics", unit="file", disable=not progress):
         try:
             metrics = piece_metrics(path, continuation_only)
-            pieces[str(path)] = metrics | (far_quotes(path, window) or {})
+            pieces[str(path)] = metrics | (far_quotes(path, window, tokenizer_config) or {})
         except MidigenError as exc:
             skipped.append(str(exc))
     if not pieces:
@@ -332,6 +334,7 @@ def compare_sets(
     continuation_only: bool = False,
     progress: bool = False,
     window: int = DEFAULT_WINDOW,
+    tokenizer_config: TokenizerConfig | None = None,
 ) -> dict[str, Any]:
     """Measure both sets and compare each metric's distributions.
 
@@ -339,8 +342,8 @@ def compare_sets(
     {"overlap_area", "kl_divergence"} or None when a set has no value}}. Only the generated set is
     cut to its continuation with `continuation_only`; the reference is measured whole.
     """
-    generated_set = measure_set(generated, continuation_only, progress, window)
-    reference_set = measure_set(reference, False, progress, window)
+    generated_set = measure_set(generated, continuation_only, progress, window, tokenizer_config)
+    reference_set = measure_set(reference, False, progress, window, tokenizer_config)
     comparison: dict[str, dict[str, float] | None] = {}
     for metric in METRICS:
         gen_values = metric_values(generated_set["pieces"], metric)

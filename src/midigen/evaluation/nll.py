@@ -125,7 +125,7 @@ def evaluate_split(
     device = device or next(model.parameters()).device
     data = TokenArrays(store, "memmap")
     total = int(sum(max(0, store.songs[i].length - 1) for i in songs))
-    reach = model.config.context + model.config.memory_length
+    reach = model.config.reach
     recall = {song: recall_targets(store.song(song).tokens, reach) for song in songs}
     recall_sums = {True: [0.0, 0], False: [0.0, 0]}
     with tqdm(total=total, desc=f"eval {split}", unit="tok", disable=not progress) as bar:

@@ -75,6 +75,11 @@ class ModelConfig(JsonConfig):
         return self.xl_length or self.context
 
     @property
+    def reach(self) -> int:
+        """Tokens back the model attends to: its segment plus its XL memory (beyond it, only the kNN memory)."""
+        return self.context + self.memory_length
+
+    @property
     def knn_layer_index(self) -> int | None:
         if self.memory != "knn":
             return None
