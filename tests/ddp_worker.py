@@ -1,18 +1,46 @@
-"""Run by tests under torchrun: train a tiny model with DDP and save this rank's weights."""
+"""Run by tests under torchrun: train (or resume) a tiny model with DDP and save what this rank ends with.
+
+Usage: ddp_worker.py STORE RUN OUT [NAME=VALUE ...], where each NAME is a TrainConfig field with an integer value, or
+`memory` (a memory mode), `resume=1`, or `interrupt_at=N` (Ctrl-C while the N-th batch of song lanes is drawn: the
+step finishes, a checkpoint is written and the run stops). OUT/rank<r>.pt receives the rank's weights, its last train loss, the final
+validation loss and the songs of each of its micro-steps.
+"""
 
 import sys
 from pathlib import Path
 
+import os
+import signal
+
 import torch
 
+from midigen.data.batching import SongLanes
 from midigen.data.store import TokenStore
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
 from midigen.training.recipe import train
 
 store, run, out = sys.argv[1:4]
-model_config = ModelConfig.preset("tiny", TokenStore(store).config)  # the tokenizer the store was encoded with
-train_config = TrainConfig(max_steps=6, batch_size=2, eval_interval=3, log_interval=3, warmup_steps=2, device="cpu")
-result, trainer = train(store, run, model_config, train_config, progress=False)
-rank = trainer.dist.rank
-torch.save({"weights": trainer.model.state_dict(), "loss": result.train_loss}, Path(out) / f"rank{rank}.pt")
+settings = dict(argument.split("=", 1) for argument in sys.argv[4:])
+memory, resume = settings.pop("memory", "none"), settings.pop("resume", "0") == "1"
+interrupt_at, drawn = int(settings.pop("interrupt_at", "0")), 0
+next_lanes = SongLanes.__next__
+
+
+def next_then_interrupt(self: SongLanes):  # noqa: ANN201
+    global drawn
+    drawn += 1
+    if drawn == interrupt_at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return next_lanes(self)
+
+
+SongLanes.__next__ = next_then_interrupt
+# the tokenizer the store was encoded with; a short context, so that songs span several segments
+model_config = ModelConfig.preset("tiny", TokenStore(store).config, memory=memory, context=16)
+defaults = dict(max_steps=6, batch_size=2, eval_interval=3, log_interval=3, warmup_steps=2)
+train_config = TrainConfig(**(defaults | {name: int(value) for name, value in settings.items()}), device="cpu")
+result, trainer = train(store, run, None if resume else model_config, train_config, resume=resume, progress=False)
+torch.save({"weights": trainer.model.state_dict(), "loss": result.train_loss, "val_loss": result.val.get("val_loss"),
+            "songs": [[int(song) for song in sampler.songs] for sampler, _ in trainer.micro_steps]},
+           Path(out) / f"rank{trainer.dist.rank}.pt")

@@ -13,8 +13,8 @@ from midigen import __version__
 from midigen.errors import MidigenError
 
 # Order of commands in `--help`; every other module of this package with a `register` follows.
-COMMAND_ORDER = ("demo", "corpus", "encode", "merge", "roundtrip", "train", "eval", "generate", "export", "render",
-                 "metrics", "convert_run")
+COMMAND_ORDER = ("demo", "corpus", "encode", "merge", "tokenizer", "roundtrip", "train", "eval", "generate", "export",
+                 "render", "metrics", "convert_run")
 
 
 def command_modules() -> list[str]:

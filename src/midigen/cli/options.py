@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
 
-from midigen.codec.config import TokenizerConfig
+from midigen.codec.config import TOKENIZER_KINDS, TokenizerConfig
+from midigen.errors import MidigenError
 
 DEFAULTS = TokenizerConfig()
 
@@ -32,3 +36,25 @@ def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
     return TokenizerConfig(steps_per_quarter=args.steps_per_quarter, max_duration=args.max_duration,
                            instruments=not single, keep_drums=not (single or args.no_drums),
                            velocity_bins=velocity_bins, merge_unisons=not args.keep_unisons)
+
+
+def add_kind_options(parser: argparse.ArgumentParser) -> None:
+    """`--tokenizer NAME` and `--tokenizer-config FILE.json` (shared with `midigen roundtrip`)."""
+    parser.add_argument("--tokenizer", default="seed", choices=TOKENIZER_KINDS,
+                        help="the encoding: seed (default), or MidiTok's remi, tsd or midilike")
+    parser.add_argument("--tokenizer-config", metavar="FILE.json",
+                        help="MidiTok parameters (a JSON object) merged over midigen's defaults, e.g. "
+                             '{"pitch_range": [21, 108]}; see TokenizerConfig.miditok')
+
+
+def kind_config(args: argparse.Namespace, config: TokenizerConfig) -> TokenizerConfig:
+    """`config` of the kind `--tokenizer` names, with the MidiTok parameters of `--tokenizer-config`."""
+    params = {}
+    if args.tokenizer_config:
+        try:
+            params = json.loads(Path(args.tokenizer_config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MidigenError(f"{args.tokenizer_config}: cannot read the tokenizer config: {exc}") from None
+        if not isinstance(params, dict):
+            raise MidigenError(f"{args.tokenizer_config}: expected a JSON object of MidiTok parameters")
+    return replace(config, kind=args.tokenizer, miditok=params)

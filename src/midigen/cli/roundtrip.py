@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from midigen.cli.options import add_tokenizer_options, tokenizer_config
+from midigen.cli.options import add_kind_options, add_tokenizer_options, kind_config, tokenizer_config
 from midigen.codec.sandbox import DEFAULT_TIMEOUT_S
 
 
@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="MIDI file")
     parser.add_argument("-o", "--output", required=True, help="MIDI file to write")
     add_tokenizer_options(parser)
+    add_kind_options(parser)
+    parser.add_argument("--store", metavar="STORE",
+                        help="use the tokenizer of this token store (kind, config and byte-pair merges) instead of "
+                             "the tokenizer options")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds allowed to encode (default {DEFAULT_TIMEOUT_S:g})"
     )
@@ -28,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from midigen.codec.roundtrip import roundtrip_file
+    from midigen.data.store import TokenStore
 
-    config = tokenizer_config(args)
+    config = TokenStore(args.store).config if args.store else kind_config(args, tokenizer_config(args))
     report = roundtrip_file(args.input, args.output, config, timeout_s=args.timeout)
     print(
         f"{args.input}: {report.notes_in} notes in, {report.notes_out} out "

@@ -12,9 +12,9 @@ from midigen.training.config import BATCHING_MODES, DATA_LOCATIONS, TrainConfig
 DEFAULT_MAX_STEPS = 2000  # the budget of a new run given neither --max-steps nor --max-minutes
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 # option → TrainConfig field; options left out take the field's default
-TRAIN_OPTIONS = {"batch_size": "batch_size", "lr": "learning_rate", "warmup_steps": "warmup_steps",
-                 "eval_interval": "eval_interval", "batching": "batching", "data_location": "data_location",
-                 "transpose": "max_transpose", "device": "device", "seed": "seed"}
+TRAIN_OPTIONS = {"batch_size": "batch_size", "accumulate": "accumulate", "lr": "learning_rate",
+                 "warmup_steps": "warmup_steps", "eval_interval": "eval_interval", "batching": "batching",
+                 "data_location": "data_location", "transpose": "max_transpose", "device": "device", "seed": "seed"}
 MODEL_OPTIONS = ("preset", "context", "memory")
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-minutes", type=float,
                         help="training time of the run, over all its invocations; with --max-steps, whichever "
                              "runs out first ends the run")
-    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"sequences per batch, on each process (default {DEFAULTS['batch_size']})")
+    parser.add_argument("--accumulate", type=int, metavar="K",
+                        help="batches per step on each process (gradient accumulation): a step takes batch size × "
+                             "K × processes sequences, so fewer devices keep the global batch by accumulating more "
+                             f"(default {DEFAULTS['accumulate']})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['learning_rate']:g})")
     parser.add_argument("--warmup-steps", type=int, help=f"default {DEFAULTS['warmup_steps']}")
     parser.add_argument("--eval-interval", type=int,
                         help=f"steps between validations (default {DEFAULTS['eval_interval']})")
     parser.add_argument("--batching", choices=BATCHING_MODES,
-                        help="random chunks, or songs in order per lane (default auto: random without memory, "
-                             "contiguous with it)")
+                        help="random chunks, or songs in order per lane: staggered lanes never idle and start "
+                             "out of step, which learns faster than contiguous (default auto: random without "
+                             "memory, contiguous with it)")
     parser.add_argument("--data-location", choices=DATA_LOCATIONS,
                         help="token store on the gpu, in cpu memory or memmap from disk; kNN memory on the gpu or in "
                              "cpu memory (default auto: the fastest place each fits)")
@@ -57,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"random transposition range in semitones (default {DEFAULTS['max_transpose']})")
     parser.add_argument("--device", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--pitch-features", action="store_true",
+                        help="also embed each note's pitch class and octave, which the model derives from its token")
     parser.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from midigen.training.recipe import train
 
     given = {option: getattr(args, option) for option in (*TRAIN_OPTIONS, *MODEL_OPTIONS)
-             if getattr(args, option) is not None} | ({"compile": True} if args.compile else {})
+             if getattr(args, option) is not None} | ({"compile": True} if args.compile else {}) | (
+                 {"pitch_features": True} if args.pitch_features else {})
     budget = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
     if args.resume:
         if given:
@@ -86,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         train_config = TrainConfig(**{TRAIN_OPTIONS[option]: value for option, value in given.items()
                                       if option in TRAIN_OPTIONS}, compile=args.compile, **budget)
         overrides = {name: given[name] for name in ("memory", "context") if name in given}
-        model_config = ModelConfig.preset(args.preset or "small", store.config, **overrides)
+        model_config = ModelConfig.preset(args.preset or "small", store.config, derived_features=args.pitch_features,
+                                          **overrides)
     result, trainer = train(args.store, args.output, model_config, train_config, resume=args.resume,
                             progress=not args.quiet)
     if trainer.dist.is_main:

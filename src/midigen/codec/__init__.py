@@ -1,11 +1,13 @@
-"""MIDI ⇄ tokens: the `Tokenizer` interface, its registry (`load_tokenizer`), and the seed codec (single stream or
-multi-track)."""
+"""MIDI ⇄ tokens: the `Tokenizer` interface, its registry (`load_tokenizer`), the seed codec (single stream or
+multi-track) and MidiTok's tokenizations (`MiditokTokenizer`)."""
 
+from midigen.codec.bpe import BpeTokenizer
 from midigen.codec.config import NUM_PITCHES, TokenizerConfig, Vocab
 from midigen.codec.grammar import GrammarTables
 from midigen.codec.instruments import parse_instruments
 from midigen.codec.interface import Tokenizer
 from midigen.codec.midi_io import NoteTable, read_notes
+from midigen.codec.miditok_kinds import MiditokTokenizer
 from midigen.codec.registry import load_tokenizer
 from midigen.codec.timing import BarGrid, TimeSignatureChange
 from midigen.codec.tokenizer import (
@@ -24,7 +26,9 @@ __all__ = [
     "GAP",
     "NUM_PITCHES",
     "BarGrid",
+    "BpeTokenizer",
     "GrammarTables",
+    "MiditokTokenizer",
     "NoteTable",
     "PositionScore",
     "SeedTokenizer",

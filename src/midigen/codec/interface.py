@@ -90,9 +90,18 @@ class Tokenizer(Protocol):
         """(V,) bool: the tokens that start a sounding note (notes and drum hits)."""
         ...
 
+    def note_counts(self) -> np.ndarray:
+        """(V,) int64: how many notes and drum hits each token starts (more than one for a merged token)."""
+        ...
+
     def transposable_pitches(self) -> np.ndarray:
         """(V,) the pitch of each token that moves under transposition (id + shift is the same token family at
         pitch + shift), −1 for every other token."""
+        ...
+
+    def token_lookups(self) -> dict[str, np.ndarray]:
+        """The features derived from a token's id alone, never stored: name → (V,) int64 value of each token (0 for
+        tokens without it), e.g. the pitch class and octave of pitched notes; the model looks them up itself."""
         ...
 
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:

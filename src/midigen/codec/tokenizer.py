@@ -194,8 +194,18 @@ class SeedTokenizer:
     def sounding(self) -> np.ndarray:
         return self.vocab.family_of("note") | self.vocab.family_of("hit")
 
+    def note_counts(self) -> np.ndarray:
+        return self.sounding().astype(np.int64)
+
     def transposable_pitches(self) -> np.ndarray:
         return np.where(self.vocab.family_of("note"), self.vocab.values(), -1)
+
+    def token_lookups(self) -> dict[str, np.ndarray]:
+        """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of pitched notes; 0 for drum hits and
+        every other token."""
+        pitch = self.transposable_pitches().astype(np.int64)
+        pitched = pitch >= 0
+        return {"pitch_classes": np.where(pitched, 1 + pitch % 12, 0), "octaves": np.where(pitched, 1 + pitch // 12, 0)}
 
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
         """(V,) bool: every token but the instrument tokens of other programs, and drum hits unless 128 is chosen."""

@@ -13,6 +13,8 @@ each row starts.
   the next one from a shuffled queue at once, so lanes switch songs at different times. When the
   queue runs dry the other lanes finish their songs with padding: every epoch covers every token
   of every song exactly once.
+- `StaggeredLanes`: contiguous lanes that never idle: the queue is refilled as soon as it runs dry, and each
+  lane's first song starts at a random point, so lanes are out of step from the start.
 """
 
 from __future__ import annotations
@@ -254,3 +256,49 @@ class SongLanes:
         self.lane_song = np.array(state["lane_song"], dtype=np.int64)
         self.lane_offset = np.array(state["lane_offset"], dtype=np.int64)
         self.lane_shift = np.array(state["lane_shift"], dtype=np.int64)
+
+
+class StaggeredLanes(SongLanes):
+    """Songs played in order, back to back in each lane, with no lane ever idle: for memory, fast to learn from.
+
+    Like `SongLanes("contiguous")`, each lane reads its song in segments of `context` tokens (each token after a
+    song's first a target once per reading; a song's transposition drawn when its lane takes it) and its memory
+    is cleared when it takes the next song. Unlike it, the shuffled queue of songs is refilled with a new
+    permutation as soon as it runs dry, so no lane waits for the longest song with padding (with few songs of
+    unequal length, contiguous lanes spend most of their rows on padding: 63% over the first 300 steps of 16
+    lanes on the Beethoven quartets), and each lane's first song starts at a random point, so that lanes are out
+    of step from the first batch: they neither all read openings at once nor change songs together. Epochs are
+    not aligned across lanes (a song may play in two lanes at once, at different points), and more lanes than
+    songs is fine.
+    """
+
+    def __init__(self, data: TokenArrays, songs: list[int], context: int, lanes: int, seed: int,
+                 max_transpose: int = 0) -> None:
+        playable = [song for song in songs if data.lengths[song] > 1]  # a song of one token has no target
+        if not playable:
+            raise MidigenError(f"{data.store.root}: no songs to train on")
+        super().__init__(data, playable, context, lanes, seed, "contiguous", max_transpose)
+
+    def _start(self, lane: int, random_point: bool) -> None:
+        """Give `lane` the next song of the queue (refilled first if dry), from its opening or a random point."""
+        if not self.queue:
+            self._new_epoch()
+        song = self.queue.pop(0)
+        last_start = int(self.data.lengths[song]) - 2  # the last offset that leaves a target
+        self.lane_song[lane] = song
+        self.lane_offset[lane] = self.rng.integers(0, last_start + 1) if random_point else 0
+        self.lane_shift[lane] = draw_shifts(self.lowest[[song]], self.highest[[song]], self.max_transpose, self.rng)[0]
+
+    def __next__(self) -> Batch:
+        if self.started:
+            self.lane_offset += self.context
+        new_song = self._finished()  # every lane before the first batch
+        for lane in np.flatnonzero(new_song):
+            self._start(int(lane), random_point=not self.started)
+        self.started = True
+        batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
+        batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.transposable)
+        batch["new_song"] = torch.as_tensor(new_song)
+        batch["song"] = torch.as_tensor(self.lane_song.copy())
+        batch["offset"] = torch.as_tensor(self.lane_offset.copy())
+        return batch

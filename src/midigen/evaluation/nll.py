@@ -20,10 +20,10 @@ class NllAccumulator:
     """Sums of per-token NLL (model and bigram) over scored targets, split by target type."""
 
     def __init__(self, token_types: dict[str, np.ndarray], bigram_log_probs: np.ndarray | None = None,
-                 sounding: np.ndarray | None = None) -> None:
+                 note_counts: np.ndarray | None = None) -> None:
         self.token_types = token_types  # name → (V,) bool
         self.bigram = bigram_log_probs
-        self.sounding = sounding  # (V,) bool: the tokens that are notes (`Tokenizer.sounding`)
+        self.note_counts = note_counts  # (V,) int: the notes each token starts (`Tokenizer.note_counts`)
         self.total = 0.0
         self.count = 0
         self.notes = 0
@@ -35,8 +35,8 @@ class NllAccumulator:
         scored = targets != PAD_ID
         self.total += float(nll[scored].sum())
         self.count += int(scored.sum())
-        if self.sounding is not None:
-            self.notes += int((self.sounding[targets] & scored).sum())
+        if self.note_counts is not None:
+            self.notes += int(self.note_counts[targets[scored]].sum())
         for name, of_type in self.token_types.items():
             mask = of_type[targets] & scored
             self.by_type[name][0] += float(nll[mask].sum())
@@ -54,7 +54,7 @@ class NllAccumulator:
         }
         if self.bigram is not None:
             out["bigram_nll"] = self.bigram_total / max(1, self.count)
-        if self.sounding is not None:  # total NLL over all scored tokens, per note among them
+        if self.note_counts is not None:  # total NLL over all scored tokens, per note among them
             out["nll_per_note"] = self.total / self.notes if self.notes else None
             out["notes"] = self.notes
         return out
@@ -117,8 +117,8 @@ def evaluate_split(
     songs = store.split_indices(split)
     if not songs:
         raise MidigenError(f"{store.root}: no songs in split {split!r}")
-    bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), store.config.vocab.size)
-    accumulator = NllAccumulator(store.tokenizer.token_types(), bigram, store.tokenizer.sounding())
+    bigram = fit_bigram((store.song(i).tokens for i in store.split_indices("train")), store.tokenizer.vocab.size)
+    accumulator = NllAccumulator(store.tokenizer.token_types(), bigram, store.tokenizer.note_counts())
     default_tempos = ((0, store.config.tempo_qpm),)  # a store of midigen 0.2 kept no tempo map
     seconds = sum(seconds_at(int(store.song(i).steps.max(initial=0)), store.songs[i].tempos or default_tempos,
                              store.config.steps_per_quarter) for i in songs)

@@ -23,6 +23,7 @@ import torch
 
 from midigen import __version__
 from midigen.codec.config import TokenizerConfig
+from midigen.codec.registry import load_tokenizer
 from midigen.devices import resolve_device
 from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
@@ -101,7 +102,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         data["tokenizer"] = TokenizerConfig.from_saved(data["tokenizer"])
     except MidigenError as exc:
         raise MidigenError(f"{path}: {exc}") from None
-    if data["model"].vocab_size != data["tokenizer"].vocab.size:
+    if data["model"].vocab_size != load_tokenizer(data["tokenizer"]).vocab.size:
         raise MidigenError(f"{path}: the model's vocabulary does not match its tokenizer's")
     return data
 
@@ -146,7 +147,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         weights_path = folder / WEIGHTS_FILE
         weights = current_names(read_tensors(weights_path)[0])
         provenance = config["provenance"] if isinstance(config["provenance"], dict) else {}
-    model = MusicTransformer(model_config)
+    model = MusicTransformer(model_config, load_tokenizer(tokenizer).token_lookups())  # lookups rebuilt, never saved
     load_weights(model, weights, weights_path)
     steps = provenance.get("steps", 0)
     return LoadedModel(model.to(resolve_device(device)).eval(), tokenizer, model_config, folder,

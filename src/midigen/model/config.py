@@ -22,6 +22,9 @@ class ModelConfig(JsonConfig):
         each takes (a feature's value is taken modulo it): `bars` (the bar index, so its position in a phrase of
         that many bars), `beats` (position in the bar), `instruments`... as the tokenizer declares them
         (`ModelConfig.preset` takes them from it).
+    derived_embeddings: features the model derives from each token's id alone, through the tokenizer's
+        `token_lookups` (`pitch_classes`, `octaves` of note tokens), embedded like `embeddings` but never stored nor
+        passed: everything that reads `embeddings` as the features carried per position stays unchanged.
     context: tokens per segment (training window, and the generation window without memory).
     rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
         buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
@@ -34,6 +37,7 @@ class ModelConfig(JsonConfig):
 
     vocab_size: int = 388
     embeddings: dict[str, int] = field(default_factory=lambda: {"bars": 32, "beats": 64})
+    derived_embeddings: dict[str, int] = field(default_factory=dict)
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -59,9 +63,12 @@ class ModelConfig(JsonConfig):
             raise MidigenError(f"context must be at least 2, got {self.context}")
         if not -self.n_layers <= self.knn_layer < self.n_layers:
             raise MidigenError(f"knn_layer {self.knn_layer} is outside a {self.n_layers}-layer model")
-        for name, size in self.embeddings.items():
+        for name, size in (self.embeddings | self.derived_embeddings).items():
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise MidigenError(f"embedding {name!r} needs a positive size, got {size!r}")
+        both = sorted(set(self.embeddings) & set(self.derived_embeddings))
+        if both:
+            raise MidigenError(f"feature(s) {', '.join(both)} cannot be both carried per position and derived")
 
     @property
     def head_dim(self) -> int:
@@ -88,24 +95,30 @@ class ModelConfig(JsonConfig):
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
         """A config as saved in a run or model folder; one of midigen 0.2 (bar and beat embeddings as the fields
-        `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model."""
+        `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model; one saved before derived features
+        derives none."""
         if isinstance(data, dict) and "embeddings" not in data and {"use_bar_beat", "num_bars", "beat_positions"} <= set(data):
             data = dict(data)
             use, bars, beats = data.pop("use_bar_beat"), data.pop("num_bars"), data.pop("beat_positions")
             data["embeddings"] = {"bars": bars, "beats": beats} if use else {}
+        if isinstance(data, dict) and "derived_embeddings" not in data:
+            data = data | {"derived_embeddings": {}}
         return cls.from_dict(data, complete=True)
 
     @classmethod
     def preset(cls, name: str, tokenizer: TokenizerConfig | None = None, num_bars: int | None = None,
-               **overrides: Any) -> ModelConfig:
-        """A preset size for `tokenizer`'s vocabulary and features (bars embedded modulo the preset's `num_bars`)."""
+               derived_features: bool = False, **overrides: Any) -> ModelConfig:
+        """A preset size for `tokenizer`'s vocabulary and features (bars embedded modulo the preset's `num_bars`);
+        with `derived_features`, also the features the tokenizer derives from token ids (pitch class and octave)."""
         if name not in PRESETS:
             raise MidigenError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         settings = dict(PRESETS[name])
         bars = num_bars or int(settings.pop("num_bars", 32))  # type: ignore[call-overload]
         codec = load_tokenizer(tokenizer or TokenizerConfig())
         embeddings = {feature: size or bars for feature, size in codec.feature_sizes.items()}
-        base = cls(vocab_size=codec.vocab.size, embeddings=embeddings)
+        derived = ({feature: int(lookup.max()) + 1 for feature, lookup in codec.token_lookups().items()}
+                   if derived_features else {})
+        base = cls(vocab_size=codec.vocab.size, embeddings=embeddings, derived_embeddings=derived)
         return replace(base, **(settings | overrides))
 
 

@@ -1,7 +1,8 @@
 """The music transformer: a decoder-only, pre-norm transformer with relative-position attention.
 
 Inputs are the token embedding plus one embedding per token feature the config declares (bar, position in the
-bar, instrument...); there is no absolute position embedding, so
+bar, instrument... passed per position; pitch class, octave... derived from the token ids through the tokenizer's
+lookups, which the model keeps as buffers, so no caller passes them); there is no absolute position embedding, so
 a window can slide or be extended by memory without re-encoding anything. Every layer adds a learned
 T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores,
 initialised as ALiBi's per-head linear penalties so that attention starts local, with a different
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
 
 CPU_MATH_SCORES = 2**21  # attention scores per group of lanes when training on CPU: they stay in cache
@@ -313,12 +316,25 @@ class ModelOutput:
 
 
 class MusicTransformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """`lookups`: the tokenizer's `token_lookups()`, the (V,) value of each derived feature per token id; those the
+    config derives are kept as buffers that are not saved with the weights (the tokenizer rebuilds them)."""
+
+    def __init__(self, config: ModelConfig, lookups: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         # one table per declared feature, summed with the token embedding (x-transformers' `embed_num_tokens`)
-        self.feature_emb = nn.ModuleDict({name: nn.Embedding(size, config.d_model) for name, size in config.embeddings.items()})
+        self.feature_emb = nn.ModuleDict({name: nn.Embedding(size, config.d_model)
+                                          for name, size in (config.embeddings | config.derived_embeddings).items()})
+        self.lookups = nn.Module()
+        for name, size in config.derived_embeddings.items():
+            lookup = (lookups or {}).get(name)
+            if lookup is None:
+                raise MidigenError(f"the model derives {name!r} from token ids, but its tokenizer gives no such lookup")
+            if lookup.shape != (config.vocab_size,) or not 0 <= lookup.min() <= lookup.max() < size:
+                raise MidigenError(f"the tokenizer's {name!r} lookup (shape {lookup.shape}, values {lookup.min()}.."
+                                   f"{lookup.max()}) does not fit the model ({config.vocab_size} tokens, {size} values)")
+            self.lookups.register_buffer(name, torch.as_tensor(lookup, dtype=torch.long), persistent=False)  # (V,)
         self.drop = nn.Dropout(config.dropout)
         knn_layer = config.knn_layer_index
         self.blocks = nn.ModuleList([Block(config, with_knn=i == knn_layer) for i in range(config.n_layers)])
@@ -357,7 +373,7 @@ class MusicTransformer(nn.Module):
     def forward(
         self,
         tokens: Tensor,  # (B, T)
-        features: Mapping[str, Tensor],  # name → (B, T), every feature of `config.embeddings`
+        features: Mapping[str, Tensor],  # name → (B, T), every feature of `config.embeddings` (not the derived)
         targets: Tensor | None = None,  # (B, T); padding (id 0) is not scored
         past: list[KV] | None = None,
         knn: Retriever | None = None,
@@ -365,7 +381,10 @@ class MusicTransformer(nn.Module):
         B, T = tokens.shape
         x = self.tok_emb(tokens)
         for name, table in self.feature_emb.items():
-            x = x + table(features[name] % table.num_embeddings)
+            if name in self.config.derived_embeddings:
+                x = x + table(self.lookups.get_buffer(name)[tokens])
+            else:
+                x = x + table(features[name] % table.num_embeddings)
         x = self.drop(x)  # (B, T, C)
         buckets, allowed = self.attention_layout(T, past[0] if past else None, tokens.device)
         present = []

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from midigen.config import JsonConfig
 from midigen.errors import MidigenError
 
-BATCHING_MODES = ("auto", "random", "song", "contiguous")
+BATCHING_MODES = ("auto", "random", "song", "contiguous", "staggered")
 DATA_LOCATIONS = ("auto", "gpu", "cpu", "memmap")
 
 
@@ -15,6 +16,11 @@ DATA_LOCATIONS = ("auto", "gpu", "cpu", "memmap")
 class TrainConfig(JsonConfig):
     """Optimisation and budget.
 
+    batch_size: sequences of each batch, on each process.
+    accumulate: batches per optimiser step on each process (gradient accumulation): a step takes
+        batch_size × accumulate × processes sequences, so a run keeps its global batch on fewer devices
+        by accumulating more. Under torchrun the songs are shared out among the processes × accumulate
+        batches, which is why the data a step sees depends only on that product.
     max_steps: training steps of the whole run; training stops there.
     max_minutes: training time of the whole run, over all its invocations (validation and checkpoints
         included, the time between a stop and a resume not); when it runs out a checkpoint is written
@@ -25,14 +31,16 @@ class TrainConfig(JsonConfig):
         shortens) the schedule to it: from the position the run has reached, the learning rate follows
         the cosine of the new length (it rises again when the budget grows past a decayed schedule).
     eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
-    batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane; "auto" picks
-        random without memory and contiguous with it.
+    batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane, or "staggered":
+        contiguous lanes that never wait for one another and start out of step (`StaggeredLanes`); "auto"
+        picks random without memory and contiguous with it.
     data_location: where the token store lives ("gpu", "cpu" memory or "memmap" from disk) and the kNN
         memory's stores (the GPU with "gpu", CPU memory otherwise); "auto" picks, for each, the fastest
         place it fits in.
     """
 
     batch_size: int = 16
+    accumulate: int = 1
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -68,6 +76,8 @@ class TrainConfig(JsonConfig):
             raise MidigenError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.batch_size < 1:
             raise MidigenError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.accumulate < 1:
+            raise MidigenError(f"accumulate must be >= 1, got {self.accumulate}")
         if not self.learning_rate > 0:
             raise MidigenError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -82,3 +92,10 @@ class TrainConfig(JsonConfig):
                 raise MidigenError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.checkpoint_minutes > 0:
             raise MidigenError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+
+    @classmethod
+    def from_saved(cls, data: Any) -> TrainConfig:
+        """A run's saved training config: every field named, except those of older runs that predate them."""
+        if isinstance(data, dict):
+            data = {"accumulate": 1, **data}  # runs saved before gradient accumulation took one batch a step
+        return cls.from_dict(data, complete=True)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from midigen.codec.config import TokenizerConfig, describe_difference
 from midigen.codec.registry import load_tokenizer
-from midigen.data.batching import RandomChunks, SongLanes, TokenArrays, model_inputs
+from midigen.data.batching import RandomChunks, SongLanes, StaggeredLanes, TokenArrays, model_inputs
 from midigen.data.store import TokenStore, open_finished_store
 from midigen.errors import BadMidiError, MidigenError
 from midigen.evaluation.nll import score_songs
@@ -24,8 +24,8 @@ from midigen.model.transformer import MusicTransformer
 from midigen.training.config import TrainConfig
 from midigen.inference.model_files import (CONFIG_FILE, RUN_KIND, LoadedModel, model_folder, read_config,
                                            run_config_dict)
-from midigen.training.distributed import setup_distributed
-from midigen.training.trainer import FitResult, Trainer
+from midigen.training.distributed import Distributed, all_reduce_sums, balanced_shares, setup_distributed
+from midigen.training.trainer import FitResult, MicroStep, Stateful, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +70,64 @@ def validation_songs(store: TokenStore, songs: list[int], max_tokens: int) -> li
     return chosen
 
 
-def validation_loss(data: TokenArrays, songs: list[int], lanes: int, device: torch.device,  # noqa: ANN201
+def validation_loss(data: TokenArrays, songs: list[int], lanes: int, ranks: Distributed,  # noqa: ANN201
                     knn_device: torch.device):
-    """A function computing the mean NLL of a model over the fixed validation songs, with its memory."""
+    """A function computing the mean NLL of a model over the fixed validation songs, with its memory. Under torchrun
+    each rank scores its own share of the songs and the sums of NLL and of tokens over the ranks give the mean: the
+    figure one process gives."""
+    own = [songs[i] for i in balanced_shares(data.lengths[songs], ranks.world_size)[ranks.rank]]
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
-        for batch, nll in score_songs(model, data, songs, lanes, device, knn_device):
+        for batch, nll in score_songs(model, data, own, lanes, ranks.device, knn_device) if own else ():
             scored = batch["tokens"][:, 1:] != 0
             total += float(nll[scored].sum())
             count += int(scored.sum())
+        total, count = all_reduce_sums([total, count], ranks)
         return {"val_loss": total / max(1, count)}
 
     return evaluate
 
 
-def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig, config: TrainConfig, rank: int):  # noqa: ANN201
+def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig, config: TrainConfig, shard: int):  # noqa: ANN201
     mode = config.batching
     if mode == "auto":
         mode = "random" if model_config.memory == "none" else "contiguous"
     if mode == "random" and model_config.memory != "none":
         log.warning("memory %s with random chunks: memory is cleared every batch; use contiguous batching",
                     model_config.memory)
-    seed = config.seed * 7919 + rank
+    seed = config.seed * 7919 + shard
     if mode == "random":
         return RandomChunks(data, songs, model_config.context, config.batch_size, seed, config.max_transpose)
+    if mode == "staggered":
+        return StaggeredLanes(data, songs, model_config.context, config.batch_size, seed, config.max_transpose)
     return SongLanes(data, songs, model_config.context, config.batch_size, seed, mode, config.max_transpose)
+
+
+def make_micro_steps(data: TokenArrays, songs: list[int], model_config: ModelConfig, config: TrainConfig,
+                     ranks: Distributed, knn_device: torch.device) -> tuple[list[MicroStep], dict[str, Stateful]]:
+    """This rank's micro-steps, and their state to checkpoint.
+
+    The training songs are shared out, balanced by tokens, among processes × `accumulate` shards; rank r plays
+    shards r·K … r·K + K − 1 (K = `accumulate`), each with its own sampler (seeded by its shard) and lane memory.
+    So an epoch covers every song once over all the ranks, and the data of a step depends only on processes × K:
+    two processes see what one process accumulating two batches sees.
+    """
+    shards = ranks.world_size * config.accumulate
+    if len(songs) < shards:
+        raise MidigenError(f"{len(songs)} training song(s) cannot be shared among {ranks.world_size} process(es) × "
+                           f"{config.accumulate} accumulated batch(es): each needs at least one song")
+    shares = balanced_shares(data.lengths[songs], shards)
+    micro_steps: list[MicroStep] = []
+    stateful: dict[str, Stateful] = {}
+    for index in range(config.accumulate):
+        shard = ranks.rank * config.accumulate + index
+        sampler = make_sampler(data, [songs[i] for i in shares[shard]], model_config, config, shard)
+        memory = MemoryState(model_config, config.batch_size, ranks.device, knn_device)
+        micro_steps.append((sampler, SegmentLoss(memory)))
+        suffix = f".{index}" if index else ""  # the first keeps the names that runs made before accumulation used
+        stateful |= {f"sampler{suffix}": sampler, f"memory{suffix}": memory}
+    return micro_steps, stateful
 
 
 def generation_picture(tokenizer_config: TokenizerConfig, model_config: ModelConfig, run_dir: Path):  # noqa: ANN201
@@ -154,7 +186,7 @@ def train(
             raise MidigenError(f"{store.root}: store was encoded with another tokenizer than the run's "
                                f"({describe_difference(saved['tokenizer'], store.config)})")
         try:
-            saved_train = TrainConfig.from_dict(saved["train"], complete=True)
+            saved_train = TrainConfig.from_saved(saved["train"])
         except MidigenError as exc:
             raise MidigenError(f"{run_dir / CONFIG_FILE}: {exc}") from None
         model_config = saved["model"]
@@ -164,34 +196,33 @@ def train(
         raise ValueError("a new run needs a training config")
     model_config = model_config or ModelConfig.preset("small", store.config)
     features = set(store.tokenizer.feature_sizes)
-    if model_config.vocab_size != store.config.vocab.size or not set(model_config.embeddings) <= features:
+    if model_config.vocab_size != store.tokenizer.vocab.size or not set(model_config.embeddings) <= features:
         raise MidigenError(f"{store.root}: the model's vocabulary or features ({', '.join(model_config.embeddings)}) "
                            f"do not match the store's tokenizer ({', '.join(sorted(features))})")
     dist = setup_distributed(train_config.device)
     torch.manual_seed(train_config.seed)
-    model = MusicTransformer(model_config)
+    model = MusicTransformer(model_config, store.tokenizer.token_lookups())
     train_songs, val_songs = split_songs(store)
     data = TokenArrays(store, train_config.data_location, dist.device)
-    knn_device = knn_store_device(train_config.data_location, model_config, train_config.batch_size, dist.device)
-    sampler = make_sampler(data, train_songs, model_config, train_config, dist.rank)
+    knn_device = knn_store_device(train_config.data_location, model_config,
+                                  train_config.batch_size * train_config.accumulate, dist.device)
+    micro_steps, stateful = make_micro_steps(data, train_songs, model_config, train_config, dist, knn_device)
     if dist.is_main:
         log.info("%s: %d training songs, %d validation songs; data %s; %s batching; memory %s; %.2fM parameters on %s",
-                 store.root, len(train_songs), len(val_songs), data.location, type(sampler).__name__,
+                 store.root, len(train_songs), len(val_songs), data.location, type(micro_steps[0][0]).__name__,
                  model_config.memory, model.num_parameters() / 1e6, dist.device)
     evaluate = validation_loss(data, validation_songs(store, val_songs, train_config.eval_tokens),
-                               train_config.batch_size, dist.device, knn_device)
+                               train_config.batch_size, dist, knn_device)
     run_config = run_config_dict(model_config, store.config, train_config.to_dict(), store_description(store))
-    memory = MemoryState(model_config, train_config.batch_size, dist.device, knn_device)
     trainer = Trainer(
         model,
         train_config,
         run_dir,
-        sampler,
-        SegmentLoss(memory),
+        micro_steps,
         evaluate,
         dist,
         run_config,
-        stateful={"sampler": sampler, "memory": memory},
+        stateful=stateful,
         progress=progress,
         illustrate=generation_picture(store.config, model_config, run_dir),
     )

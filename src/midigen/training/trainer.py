@@ -1,8 +1,9 @@
-"""A generic trainer: optimiser, schedule, budgets, logging, checkpoints, resume, DDP.
+"""A generic trainer: optimiser, schedule, budgets, gradient accumulation, logging, checkpoints, resume, DDP.
 
-It knows nothing about music: it draws batches from an iterator, asks `loss_fn` for a loss, `evaluate`
-for validation figures and `illustrate` for pictures of the model at each validation, and checkpoints
-whatever `stateful` objects it is given. It logs to metrics.jsonl and to TensorBoard event files in the
+It knows nothing about music: for each micro-step of an optimiser step it draws a batch from that micro-step's
+iterator and asks its loss function for a loss (each micro-step keeps its own state, such as the memory of its
+lanes), asks `evaluate` for validation figures and `illustrate` for pictures of the model at each validation, and
+checkpoints whatever `stateful` objects it is given. It logs to metrics.jsonl and to TensorBoard event files in the
 run folder (`tensorboard --logdir runs/` shows every run).
 """
 
@@ -14,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Stateful(Protocol):
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]  # → (loss, scored tokens)
+MicroStep = tuple[Iterator[dict[str, np.ndarray]], LossFn]  # where a micro-step's batches come from, and its loss
 Illustrate = Callable[[nn.Module, int], dict[str, np.ndarray]]  # (model, step) → pictures by name, (H, W, 3) uint8
 
 
@@ -124,8 +126,7 @@ class Trainer:
         model: nn.Module,
         config: TrainConfig,
         run_dir: str | Path,
-        batches: Iterator[dict[str, np.ndarray]],
-        loss_fn: LossFn,
+        micro_steps: Sequence[MicroStep],
         evaluate: Callable[[nn.Module], dict[str, float]],
         dist: Distributed,
         run_config: dict[str, Any],
@@ -137,7 +138,9 @@ class Trainer:
         if dist.device.type == "cpu":
             keep_freed_memory()
         self.model = model.to(dist.device)
-        self.batches, self.loss_fn, self.evaluate, self.illustrate = batches, loss_fn, evaluate, illustrate
+        if len(micro_steps) != config.accumulate:
+            raise ValueError(f"{len(micro_steps)} micro-steps for accumulate={config.accumulate}")
+        self.micro_steps, self.evaluate, self.illustrate = micro_steps, evaluate, illustrate
         self.run_config = run_config  # config.json: whatever the caller needs to rebuild the run
         self.stateful = stateful or {}
         self.progress = progress and dist.is_main
@@ -148,13 +151,16 @@ class Trainer:
         self.last_val: float | None = None
         self.tokens_seen: int | None = 0  # scored tokens trained on, over all ranks and invocations
         wrapped: nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.model, device_ids=ids)
+            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.train_model = torch.compile(wrapped) if config.compile else wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
         )
+        self.random_streams = [self._seeded_stream(config.seed * 7919 + dist.rank * config.accumulate + index)
+                               for index in range(config.accumulate)]
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         # biases, norms, and whatever the model names in `no_weight_decay()` (the timm convention) are not decayed
@@ -171,11 +177,32 @@ class Trainer:
             groups, lr=self.config.learning_rate, betas=(self.config.beta1, self.config.beta2), fused=fused
         )
 
+    # ---- random numbers -----------------------------------------------------------------------
+    # Each micro-step draws its random numbers (dropout) from its own stream, seeded by its shard of the data
+    # (rank × accumulate + micro-step): a step draws the same numbers however it is split between ranks and
+    # micro-steps, and no two ranks drop the same units.
+    def _seeded_stream(self, seed: int) -> dict[str, Tensor]:
+        stream = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if self.dist.device.type == "cuda":
+            stream["cuda"] = torch.Generator(self.dist.device).manual_seed(seed).get_state()
+        return stream
+
+    @contextmanager
+    def _random_stream(self, index: int) -> Iterator[None]:
+        """Draw from micro-step `index`'s stream, and keep where it got to."""
+        torch.set_rng_state(self.random_streams[index]["torch"])
+        if "cuda" in self.random_streams[index]:
+            torch.cuda.set_rng_state(self.random_streams[index]["cuda"], self.dist.device)
+        yield
+        self.random_streams[index] = {"torch": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            self.random_streams[index]["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+
     # ---- checkpoints --------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": [stream["torch"] for stream in self.random_streams]}
         if self.dist.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+            rng["cuda"] = [stream["cuda"] for stream in self.random_streams]
         return {"step": self.step, "rng": rng, "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
 
     def save_checkpoint(self) -> None:
@@ -183,7 +210,8 @@ class Trainer:
         save_state(rank_checkpoint_path(self.run_dir, self.dist.rank), self._rank_state())
         if self.dist.is_main:
             schedule = {"step": self.step, "elapsed_s": self.elapsed_s, "best_val": self.best_val,
-                        "last_val": self.last_val, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size}
+                        "last_val": self.last_val, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
+                        "accumulate": self.config.accumulate}
             weights = {WEIGHT_PREFIX + name: tensor for name, tensor in unique_state(self.model).items()}
             save_state(self.run_dir / CHECKPOINT_FILE, {"optimizer": self.optimizer.state_dict(), "schedule": schedule},
                        weights)
@@ -200,19 +228,37 @@ class Trainer:
             # None: a run converted from the old format, which did not count them
             self.tokens_seen = None if schedule["tokens_seen"] is None else int(schedule["tokens_seen"])
             world_size = int(schedule["world_size"])
+            accumulate = int(schedule.get("accumulate", 1))  # checkpoints older than accumulation took one batch a step
         except (KeyError, TypeError, ValueError) as exc:
             raise MidigenError(f"{path}: damaged checkpoint schedule ({type(exc).__name__}: {exc})") from None
+        if (world_size, accumulate) != (self.dist.world_size, self.config.accumulate):
+            # the data is shared out anew: weights and optimiser resume; data order, memory and random numbers start
+            # afresh
+            if self.dist.is_main:
+                rows = self.config.batch_size * self.dist.world_size * self.config.accumulate
+                log.warning("%s: trained on %d process(es) × %d batch(es) a step, resumed on %d × %d: weights and "
+                            "optimiser go on from step %d, the data is shared out and shuffled afresh (a step now "
+                            "takes %d sequences, before %d)", self.run_dir, world_size, accumulate,
+                            self.dist.world_size, self.config.accumulate, self.step, rows,
+                            self.config.batch_size * world_size * accumulate)
+            return
         rank_path = rank_checkpoint_path(self.run_dir, self.dist.rank)
         own = load_state(rank_path)[0] if rank_path.exists() else None
-        if not isinstance(own, dict) or own.get("step") != self.step or world_size != self.dist.world_size:
+        if not isinstance(own, dict) or own.get("step") != self.step:
             # weights and optimiser resume; data order, memory and random numbers start afresh
-            log.warning("%s: no data state for rank %d at step %d (or another world size); the data order "
-                        "starts afresh", self.run_dir, self.dist.rank, self.step)
+            log.warning("%s: no data state for rank %d at step %d; the data order starts afresh",
+                        self.run_dir, self.dist.rank, self.step)
             return
         try:
-            torch.set_rng_state(own["rng"]["torch"])
-            if "cuda" in own["rng"] and self.dist.device.type == "cuda":
-                torch.cuda.set_rng_state(own["rng"]["cuda"], self.dist.device)
+            # a run saved before accumulation kept one stream as a tensor, not a list of them
+            streams = {device: states if isinstance(states, list) else [states]
+                       for device, states in own["rng"].items() if device == "torch" or self.dist.device.type == "cuda"}
+            if len(streams["torch"]) != len(self.random_streams):
+                raise ValueError(f"{len(streams['torch'])} random streams for {len(self.random_streams)} micro-steps")
+            for state in streams["torch"]:
+                torch.Generator().set_state(state)  # refuses a damaged state now rather than at the next step
+            self.random_streams = [{device: states[index] for device, states in streams.items()}
+                                   for index in range(len(self.random_streams))]
             for name, obj in self.stateful.items():
                 if name in own["stateful"]:
                     obj.load_state_dict(own["stateful"][name])
@@ -292,20 +338,33 @@ class Trainer:
             return "max_minutes"
         return None
 
-    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> tuple[float, int, float]:
-        """One optimiser step: the loss, the tokens it scored, and the gradient norm before clipping."""
+    def _train_step(self, lr: float) -> tuple[float, int, float]:
+        """One optimiser step over the batches of all micro-steps: the mean of their losses, the tokens they scored,
+        and the gradient norm before clipping.
+
+        Each micro-step's loss is divided by their number, so the gradient is their mean, as DDP's is the mean over
+        the ranks: a step sees the same gradient whatever the split between ranks and micro-steps. DDP averages
+        the gradients once, after the last micro-step."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        tensors = {name: torch.as_tensor(array).to(self.dist.device, non_blocking=True) for name, array in batch.items()}
         self.train_model.train()
-        with self.autocast:
-            loss, scored = self.loss_fn(self.train_model, tensors)
-        loss.backward()
+        losses, scored = [], 0
+        for index, (batches, loss_fn) in enumerate(self.micro_steps):
+            batch = next(batches)
+            tensors = {name: torch.as_tensor(array).to(self.dist.device, non_blocking=True)
+                       for name, array in batch.items()}
+            last = index == len(self.micro_steps) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self.autocast, self._random_stream(index):
+                    loss, micro_scored = loss_fn(self.train_model, tensors)
+                (loss / len(self.micro_steps)).backward()
+            losses.append(loss.detach())
+            scored += micro_scored
         # an infinite limit measures the norm and leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), scored, float(grad_norm)
+        return float(torch.stack(losses).mean()), scored, float(grad_norm)
 
     def _validate(self, events: SummaryWriter | None) -> dict[str, float]:
         self.model.eval()
@@ -359,7 +418,7 @@ class Trainer:
                     stopped_by = spent or "interrupt"
                     break
                 lr = learning_rate(cfg, self.step, self._progress(elapsed))
-                loss, scored, grad_norm = self._train_step(next(self.batches), lr)
+                loss, scored, grad_norm = self._train_step(lr)
                 self.step += 1
                 window_losses.append(loss)
                 window_norms.append(grad_norm)
@@ -421,7 +480,8 @@ class Trainer:
         return postfix
 
     def _plot(self) -> None:
-        if self.dist.is_main:
+        # a run stopped before its first log line has nothing to plot
+        if self.dist.is_main and (self.run_dir / METRICS_FILE).exists():
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / LOSS_PLOT_FILE)
 
 

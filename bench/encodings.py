@@ -1,0 +1,222 @@
+"""Which encoding learns best for the same compute? The seed codec, with pitch-class and octave features, with
+byte-pair merges across timesteps, against MidiTok's REMI and TSD (with merges), measured in what they cost and in
+NLL per note and bits per second (per-token NLL cannot be compared across encodings).
+
+Everything runs through the `midigen` commands a user would type (`encode`, `tokenizer train`, `train`, `eval`,
+`generate`, `metrics`), in this process. Per corpus (the Bach chorales; the Beethoven string quartets, one
+instrument per part) and per encoding:
+- tokens per note on the validation pieces (merges are learned on the training pieces only) and encode files/s;
+- training tokens/s, and the validation NLL per token, per note and in bits per second after equal CPU minutes
+  (`--max-minutes`) and after equal steps (`--max-steps`), the `small` preset, one run per seed;
+- generation notes/s (one lane, from the first bars of a validation piece) and the musical metrics of those
+  continuations against the validation pieces (mean overlap area of the metric distributions, 1 = alike).
+Goals judged in code: seed + BPE 4,000 at least 2.5x fewer tokens per note than seed; the best midigen encoding at
+least 10% lower NLL per note than MidiTok REMI + BPE after equal CPU minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from common import CACHE, corpus_files, write_section
+
+from midigen.cli.main import main as midigen
+from midigen.codec.registry import load_tokenizer
+from midigen.data.store import TokenStore
+from midigen.inference import SamplingConfig, generate, load_model, load_prompt, write_generation
+
+CORPORA = {"chorales": "bach-chorales", "quartets": "beethoven-quartets"}
+BPE_SIZES = (1000, 4000)
+PROMPT_BARS = 4
+GENERATED_BARS = 8
+PROMPTS = 4  # validation pieces continued per run for generation speed and metrics
+
+
+@dataclass(frozen=True)
+class Encoding:
+    name: str
+    tokenizer: str  # `encode --tokenizer`
+    bpe: int | None = None  # `tokenizer train --vocab`
+    pitch_features: bool = False  # `train --pitch-features`
+    ours: bool = True  # a midigen encoding (the goal compares the best of these with REMI + BPE)
+
+    @property
+    def store_name(self) -> str:
+        return f"{self.tokenizer}-bpe{self.bpe}" if self.bpe else self.tokenizer
+
+
+ENCODINGS = (
+    Encoding("seed", "seed"),
+    Encoding("seed + pitch class/octave", "seed", pitch_features=True),
+    *(Encoding(f"seed + BPE {size:,}", "seed", bpe=size) for size in BPE_SIZES),
+    Encoding("MidiTok REMI", "remi", ours=False),
+    Encoding("MidiTok REMI + BPE 4,000", "remi", bpe=4000, ours=False),
+    Encoding("MidiTok TSD + BPE 4,000", "tsd", bpe=4000, ours=False),
+)
+REMI_BPE = "MidiTok REMI + BPE 4,000"
+SEED_BPE = "seed + BPE 4,000"
+
+
+def run(*args: str) -> None:
+    code = midigen([*map(str, args)])
+    if code != 0:
+        raise SystemExit(f"midigen {' '.join(map(str, args))} exited {code}")
+
+
+def timed(store: Path, *command: object) -> float:
+    """Seconds `midigen *command` took to write `store`, measured when it ran (kept beside the store)."""
+    record = store.with_name(f"{store.name}.seconds")
+    if not record.exists():
+        shutil.rmtree(store, ignore_errors=True)
+        start = time.perf_counter()
+        run(*command)
+        record.write_text(f"{time.perf_counter() - start}\n")
+    return float(record.read_text())
+
+
+def build_store(encoding: Encoding, files: list[Path], folder: Path) -> tuple[Path, float]:
+    """The encoding's store of `files` (merges learned on its training split) and the encode files/s (with
+    merges: encoding, learning the merges and applying them)."""
+    base = folder / encoding.tokenizer
+    seconds = timed(base, "encode", *files, "-o", base, "--tokenizer", encoding.tokenizer, "--quiet")
+    if not encoding.bpe:
+        return base, len(files) / seconds
+    store = folder / encoding.store_name
+    seconds += timed(store, "tokenizer", "train", base, "--vocab", encoding.bpe, "-o", store, "--quiet")
+    return store, len(files) / seconds
+
+
+def tokens_per_note(store: TokenStore, split: str = "val") -> float:
+    songs = store.split_indices(split)
+    return sum(store.songs[i].length for i in songs) / sum(store.songs[i].notes for i in songs)
+
+
+def train_and_score(encoding: Encoding, store: Path, run_dir: Path, budget: list[str], seed: int) -> dict[str, float]:
+    """Train and score a run, or read the scores of the finished run in `run_dir` (a rerun after an interruption
+    goes on from the runs it finished)."""
+    out = run_dir / "eval.json"
+    if not out.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        options = ["--pitch-features"] if encoding.pitch_features else []
+        run("train", store, "-o", run_dir, "--preset", "small", "--seed", seed, "--device", "cpu", "--batching",
+            "random", *budget, *options, "--quiet")
+        run("eval", run_dir, "--data", store, "--device", "cpu", "--json", out)
+    scores = json.loads(out.read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    speeds = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row]
+    return {"nll": scores["nll"], "nll_per_note": scores["nll_per_note"], "bits_per_second": scores["bits_per_second"],
+            "steps": max(row["step"] for row in rows), "tokens_per_s": statistics.median(speeds) if speeds else float("nan")}
+
+
+def generation_figures(run_dir: Path, store: TokenStore, folder: Path) -> dict[str, float]:
+    """Notes per second of generation (one lane) and the metrics' mean overlap with the validation pieces."""
+    trained = load_model(run_dir, "cpu")
+    tokenizer = load_tokenizer(trained.tokenizer)
+    note_counts = tokenizer.note_counts()
+    prompts = [Path(store.songs[i].path) for i in store.split_indices("val")][:PROMPTS]
+    out = folder / "generated"
+    out.mkdir(exist_ok=True)
+    notes, seconds = 0, 0.0
+    for index, path in enumerate(prompts):
+        prompt = load_prompt(path, PROMPT_BARS, tokenizer)
+        start = time.perf_counter()
+        generation = generate(trained, prompt, SamplingConfig(seed=index), bars=GENERATED_BARS)
+        seconds += time.perf_counter() - start
+        notes += int(note_counts[generation.sequence.tokens[generation.prompt_length:]].sum())
+        write_generation(generation, tokenizer, out / f"{index}.mid")
+    metrics = folder / "metrics.json"
+    run("metrics", out, "--reference", *prompts, "--continuation-only", "--json", metrics, "--quiet")
+    comparison = json.loads(metrics.read_text())["comparison"]
+    overlaps = [scores["overlap_area"] for scores in comparison.values() if scores]
+    return {"notes_per_s": notes / seconds, "overlap": float(np.mean(overlaps)) if overlaps else float("nan")}
+
+
+def measure(corpus: str, encoding: Encoding, minutes: float, steps: int, seeds: int, folder: Path) -> dict[str, object]:
+    files = corpus_files(CORPORA[corpus])
+    store_dir, files_per_s = build_store(encoding, files, folder / corpus)
+    store = TokenStore(store_dir)
+    result: dict[str, object] = {"tokens_per_note": tokens_per_note(store), "encode_files_per_s": files_per_s}
+    for name, value in (("minutes", minutes), ("steps", steps)):
+        runs = []
+        for seed in range(seeds):
+            run_dir = (folder / corpus / "runs" /
+                       f"{encoding.store_name}-{int(encoding.pitch_features)}-{value:g}{name}-{seed}")
+            budget = [f"--max-{name}", value]
+            runs.append(train_and_score(encoding, store_dir, run_dir, budget, seed))
+            if name == "minutes" and seed == 0:
+                result |= generation_figures(run_dir, store, run_dir)
+        result[name] = runs
+    return result
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(results: dict[str, dict[str, dict[str, object]]], minutes: float, steps: int, seeds: int) -> str:
+    lines = [f"`small` preset, random chunks, seeds 0..{seeds - 1}; equal CPU minutes: {minutes:g} min of training "
+             f"each; equal steps: {steps}. NLL per note and bits per second are comparable across encodings; NLL per "
+             "token is not. Generation: one lane, the first "
+             f"{PROMPT_BARS} bars of {PROMPTS} validation pieces continued {GENERATED_BARS} bars; overlap: the mean "
+             "overlap area of the musical metrics' distributions against those pieces (1 = alike).", ""]
+    verdicts = []
+    for corpus, by_encoding in results.items():
+        lines += [f"### {corpus}", "",
+                  "| encoding | tokens/note | encode files/s | train tokens/s | steps in the minutes | NLL/token "
+                  "(minutes) | NLL/note (minutes) | bits/s (minutes) | NLL/note (steps) | bits/s (steps) | "
+                  "generation notes/s | metrics overlap |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in by_encoding.items():
+            mins, stps = r["minutes"], r["steps"]
+            lines.append(
+                f"| {name} | {r['tokens_per_note']:.2f} | {r['encode_files_per_s']:.0f} | "
+                f"{statistics.mean(x['tokens_per_s'] for x in mins):.0f} | "
+                f"{statistics.mean(x['steps'] for x in mins):.0f} | {spread([x['nll'] for x in mins])} | "
+                f"{spread([x['nll_per_note'] for x in mins])} | {spread([x['bits_per_second'] for x in mins], 1)} | "
+                f"{spread([x['nll_per_note'] for x in stps])} | {spread([x['bits_per_second'] for x in stps], 1)} | "
+                f"{r['notes_per_s']:.0f} | {r['overlap']:.3f} |")
+        lines.append("")
+        seed_tpn, bpe_tpn = by_encoding["seed"]["tokens_per_note"], by_encoding[SEED_BPE]["tokens_per_note"]
+        ratio = seed_tpn / bpe_tpn
+        verdicts.append(f"- {corpus}: seed + BPE 4,000 writes {ratio:.2f}x fewer tokens per note than seed "
+                        f"({bpe_tpn:.2f} against {seed_tpn:.2f}; goal at least 2.5x): "
+                        f"**{'met' if ratio >= 2.5 else 'NOT met'}**.")
+        ours = {name: statistics.mean(x["nll_per_note"] for x in r["minutes"])
+                for name, r in by_encoding.items() if next(e for e in ENCODINGS if e.name == name).ours}
+        best = min(ours, key=ours.get)
+        remi = statistics.mean(x["nll_per_note"] for x in by_encoding[REMI_BPE]["minutes"])
+        gain = 1 - ours[best] / remi
+        verdicts.append(f"- {corpus}: the best midigen encoding after equal CPU minutes, {best}, has "
+                        f"{gain:.1%} lower NLL per note than MidiTok REMI + BPE 4,000 ({ours[best]:.3f} against "
+                        f"{remi:.3f} nats; goal at least 10%): **{'met' if gain >= 0.10 else 'NOT met'}**.")
+    return "\n".join(lines + ["Goals:", *verdicts])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training minutes per run (default 5)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), action="append", help="default: both")
+    parser.add_argument("--quick", action="store_true", help="check that the bench runs (tiny budgets, one seed)")
+    args = parser.parse_args()
+    minutes, steps, seeds = (0.1, 5, 1) if args.quick else (args.minutes, args.steps, args.seeds)
+    corpora = args.corpus or list(CORPORA)
+    folder = CACHE / ("tokenizers-quick" if args.quick else "tokenizers")  # stores and runs, reused when rerun
+    results = {corpus: {encoding.name: measure(corpus, encoding, minutes, steps, seeds, folder)
+                        for encoding in ENCODINGS} for corpus in corpora}
+    write_section("Tokenizers: tokens per note, and NLL per note for equal compute", report(results, minutes, steps,
+                                                                                            seeds), quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
