@@ -125,3 +125,18 @@ def test_training_with_staggered_lanes_resumes_after_ctrl_c_with_the_same_weight
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("block_tokens", [1, 300, 1 << 22])
+def test_pitch_ranges_read_in_blocks_equal_each_songs_own(prompt_store: Path, block_tokens: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import midigen.data.batching as batching
+
+    monkeypatch.setattr(batching, "PITCH_SCAN_TOKENS", block_tokens)  # blocks of one song, several, or all
+    store = TokenStore(prompt_store)
+    data = TokenArrays(store, "memmap")
+    lowest, highest = data.pitch_ranges()
+    for song in range(len(store)):
+        pitch = data.transposable[store.song(song).tokens.astype(np.int64)]
+        pitch = pitch[pitch >= 0]
+        assert pitch.size and (lowest[song], highest[song]) == (pitch.min(), pitch.max()), song

@@ -42,6 +42,9 @@ def model_inputs(batch: Batch, features: Iterable[str]) -> tuple[Tensor, dict[st
     return tokens[:, :-1], {name: batch[name][:, :-1] for name in features}, tokens[:, 1:]
 
 
+PITCH_SCAN_TOKENS = 1 << 22  # tokens per block when scanning songs' pitch ranges (int64: 32 MiB)
+
+
 def batch_fields(store: TokenStore) -> list[str]:
     """The arrays a batch carries: the tokens and every feature of the store's tokenizer."""
     return ["tokens", *store.tokenizer.feature_sizes]
@@ -86,15 +89,19 @@ class TokenArrays:
         return batch
 
     def pitch_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lowest and highest pitch of the transposable tokens of every song (128 / −1 where a song has none)."""
-        pitch = self.transposable[np.asarray(self.store.arrays["tokens"], dtype=np.int64)]
-        is_note = pitch >= 0
-        song_starts = self.starts[self.lengths > 0]
+        """Lowest and highest pitch of the transposable tokens of every song (128 / −1 where a song has none),
+        read a block of songs at a time, so a memory-mapped store is never loaded whole."""
+        tokens = self.store.arrays["tokens"]
         lowest = np.full(len(self.starts), NUM_PITCHES)
         highest = np.full(len(self.starts), -1)
-        if pitch.size:
-            lowest[self.lengths > 0] = np.minimum.reduceat(np.where(is_note, pitch, NUM_PITCHES), song_starts)
-            highest[self.lengths > 0] = np.maximum.reduceat(np.where(is_note, pitch, -1), song_starts)
+        nonempty = np.flatnonzero(self.lengths > 0)
+        blocks = self.starts[nonempty] // PITCH_SCAN_TOKENS  # songs starting in one window are read together
+        for songs in np.split(nonempty, np.flatnonzero(np.diff(blocks)) + 1) if nonempty.size else []:
+            begin, end = self.starts[songs[0]], self.starts[songs[-1]] + self.lengths[songs[-1]]
+            pitch = self.transposable[np.asarray(tokens[begin:end], dtype=np.int64)]
+            is_note = pitch >= 0
+            lowest[songs] = np.minimum.reduceat(np.where(is_note, pitch, NUM_PITCHES), self.starts[songs] - begin)
+            highest[songs] = np.maximum.reduceat(np.where(is_note, pitch, -1), self.starts[songs] - begin)
         return lowest, highest
 
 
