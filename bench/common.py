@@ -20,6 +20,58 @@ CACHE = ROOT / ".bench"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (each section by the script named in it); never edited by hand.\n"
 QUICK_BENCHMARKS = CACHE / "BENCHMARKS.quick.md"  # where `--quick` checks write: never BENCHMARKS.md
 
+SAMPLE_S = 0.05  # how often `run_sampled` reads /proc
+
+
+def proc_status_kib(pid: int) -> dict[str, int]:
+    """The memory figures (kB) of /proc/PID/status (VmHWM, RssAnon, RssFile...); empty once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            rows = [line.split(":", 1) for line in status]
+    except OSError:
+        return {}
+    return {name: int(value.split()[0]) for name, value in rows if value.strip().endswith("kB")}
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids of `pid`'s children, their children, and so on."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            continue
+        found += children
+        todo += children
+    return found
+
+
+def run_sampled(command: list[str], measure: Callable[[int], dict[str, int]]) -> tuple[str, dict[str, int], float]:
+    """Run `command`, calling `measure(pid)` every SAMPLE_S while it runs: its output (stdout and stderr), the peak
+    of each figure measured, and the wall seconds; exits naming the command if it fails."""
+    import subprocess
+    import threading
+
+    peaks: dict[str, int] = {}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def sample() -> None:
+        while process.poll() is None:
+            for name, value in measure(process.pid).items():
+                peaks[name] = max(peaks.get(name, 0), value)
+            time.sleep(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = process.communicate()[0]
+    seconds = time.perf_counter() - start
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:2])} failed (exit {process.returncode}): {output}")
+    return output, peaks, seconds
+
 
 def cpu_model() -> str:
     try:

@@ -24,14 +24,11 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, corpus_files, write_section
+from common import CACHE, corpus_files, proc_status_kib, run_sampled, write_section
 
 from midigen.codec.sandbox import EncodedSong
 from midigen.data.encode import encode_files
@@ -48,7 +45,6 @@ STEPS = {False: 300, True: 60}
 BATCHINGS = ("random", "contiguous")
 BATCH_SIZE = 16
 PRIVATE_GROWTH_GOAL = 1.2
-SAMPLE_S = 0.05
 
 
 # ---- the stores ---------------------------------------------------------------------------------
@@ -105,13 +101,7 @@ def store_gigabytes(root: Path) -> float:
 
 
 # ---- training, measured -------------------------------------------------------------------------
-def memory_kib(pid: int) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            fields = dict(line.split(":", 1) for line in status)
-    except OSError:
-        return {}
-    return {name: int(fields[name].split()[0]) for name in ("VmHWM", "RssAnon", "RssFile") if name in fields}
+MEASURED = ("VmHWM", "RssAnon", "RssFile")
 
 
 def train_measured(store: Path, location: str, batching: str, steps: int) -> dict[str, float]:
@@ -120,24 +110,11 @@ def train_measured(store: Path, location: str, batching: str, steps: int) -> dic
     command = [str(Path(sys.executable).parent / "midigen"), "train", str(store), "-o", str(run), "--preset", "tiny",
                "--data-location", location, "--batching", batching, "--max-steps", str(steps),
                "--batch-size", str(BATCH_SIZE), "--eval-interval", str(10 * steps), "--device", "cpu", "--quiet"]
-    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def sample() -> None:
-        while process.poll() is None:
-            for name, kib in memory_kib(process.pid).items():
-                peaks[name] = max(peaks[name], kib)
-            time.sleep(SAMPLE_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = process.communicate()[0]
-    sampler.join()
-    if process.returncode != 0:
-        raise SystemExit(f"midigen train failed (exit {process.returncode}): {output}")
+    _, peaks, _ = run_sampled(command, lambda pid: {name: kib for name, kib in proc_status_kib(pid).items()
+                                                    if name in MEASURED})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:]
-    return {"tokens_per_s": statistics.median(rates), **{name: kib / 1024 for name, kib in peaks.items()}}
+    return {"tokens_per_s": statistics.median(rates), **{name: peaks.get(name, 0) / 1024 for name in MEASURED}}
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -28,16 +28,14 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import symusic
-from common import CACHE, corpus_files, write_section
+from common import CACHE, SAMPLE_S, corpus_files, descendants, proc_status_kib, run_sampled, write_section
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared" / "midi"
@@ -49,7 +47,6 @@ SIZES = {False: (10, 100), True: (1, 10)}  # folders encoded: full run, --quick
 WORKERS = 2
 TIME_GOAL_S = 600.0  # for 176,000 files
 RSS_GROWTH_GOAL = 1.2
-SAMPLE_S = 0.05
 
 MEDIAN_NOTES, NOTES_SIGMA, MIN_NOTES, MAX_NOTES = 4_200, 0.75, 50, 60_000
 MEAN_EXTRA_TRACKS = 8  # pitched tracks: 1 + Poisson(8)
@@ -206,51 +203,18 @@ def collection_stats(folders: int) -> dict[str, float]:
 
 
 # ---- the measurement ----------------------------------------------------------------------------
-def vm_hwm_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            children = [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        except OSError:
-            continue
-        found += children
-        todo += children
-    return found
-
-
 def encode_measured(folders: int) -> dict[str, float]:
     """`midigen encode` of the first `folders` folders into a fresh store: seconds, peak RSS (MiB), store size."""
     store = STORES / f"{folders * FOLDER_FILES}"
     shutil.rmtree(store, ignore_errors=True)
     command = [str(Path(sys.executable).parent / "midigen"), "encode", *map(str, map(folder_of, range(folders))),
                "-o", str(store), "--workers", str(WORKERS), "--quiet"]
-    peaks = {"process": 0, "worker": 0}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
-    def sample() -> None:
-        while process.poll() is None:
-            peaks["process"] = max(peaks["process"], vm_hwm_kib(process.pid) or 0)
-            for child in descendants(process.pid):
-                peaks["worker"] = max(peaks["worker"], vm_hwm_kib(child) or 0)
-            time.sleep(SAMPLE_S)
+    def measure(pid: int) -> dict[str, int]:
+        workers = [proc_status_kib(child).get("VmHWM", 0) for child in descendants(pid)]
+        return {"process": proc_status_kib(pid).get("VmHWM", 0), "worker": max(workers, default=0)}
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = process.communicate()[0]
-    seconds = time.perf_counter() - start
-    sampler.join()
-    if process.returncode != 0:
-        raise SystemExit(f"midigen encode failed (exit {process.returncode}): {output}")
+    _, peaks, seconds = run_sampled(command, measure)
     report = json.loads((store / "report.json").read_text())
     files = folders * FOLDER_FILES
     assert report["encoded"] == files, f"{files - report['encoded']} files skipped: {report['skipped']}"
@@ -259,7 +223,7 @@ def encode_measured(folders: int) -> dict[str, float]:
     size = sum(entry.stat().st_size for entry in os.scandir(store))
     shutil.rmtree(store)  # tens of GB at full size
     return {"files": files, "seconds": seconds, "notes": notes, "tokens": report["tokens"], "store_gb": size / 1e9,
-            "process_mib": peaks["process"] / 1024, "worker_mib": peaks["worker"] / 1024}
+            "process_mib": peaks.get("process", 0) / 1024, "worker_mib": peaks.get("worker", 0) / 1024}
 
 
 def verdict(met: bool) -> str:

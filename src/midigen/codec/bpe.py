@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import symusic
 
-from midigen.codec.config import PAD_ID, TokenizerConfig, Vocab, check_merges
+from midigen.codec.config import PAD_ID, TokenFamilies, TokenizerConfig, Vocab, check_merges
 from midigen.codec.grammar import DRUMS, KEEP, NO_INSTRUMENT, NOTE_FIELDS, PHASES, Fed, GrammarTables
 from midigen.codec.midi_io import NoteTable
 from midigen.codec.timing import BarGrid
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # encoding never loads torch; only generation puts a grammar 
     import torch
 
     from midigen.codec.interface import Grammar, LaneGrammar, Tokenizer
+    from midigen.codec.miditok_kinds import MiditokVocab
 
 TEXT_BASE = 0xF0000  # base token id → one character from U+F0000 on (Unicode's private use planes: any uint16 id)
 UNMERGED = (Vocab.PAD, Vocab.SOS, Vocab.EOS)  # never inside a merged token: merges run between them
@@ -412,21 +413,13 @@ class BpeLaneGrammar:
         return Fed(next_state, t["lead"][phase, tokens], t["advance"][phase, tokens], features, notes)
 
 
-class MergedVocab:
+class MergedVocab(TokenFamilies):
     """A MidiTok kind's vocabulary followed by the merged tokens (family `merged`, named `m0..`)."""
 
-    def __init__(self, base: Any, merges: int) -> None:
+    def __init__(self, base: MiditokVocab, merges: int) -> None:
         self.base, self.base_size = base, base.size
         self.size = base.size + merges
-
-    def ids_of(self, family: str) -> range:
-        return range(self.base_size, self.size) if family == "merged" else self.base.ids_of(family)
-
-    def family_of(self, family: str) -> np.ndarray:
-        mask = np.zeros(self.size, dtype=bool)
-        ids = self.ids_of(family)
-        mask[ids.start : ids.stop] = True
-        return mask
+        self.families = base.families | {"merged": range(base.size, self.size)}
 
     def values(self) -> np.ndarray:
         """The base tokens' values; 0 for merged tokens."""

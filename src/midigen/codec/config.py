@@ -164,7 +164,26 @@ def describe_difference(saved: TokenizerConfig, other: TokenizerConfig) -> str:
     return ", ".join(f"{name}: {shown(saved, name)} → {shown(other, name)}" for name in fields) or "none"
 
 
-class Vocab:
+class TokenFamilies:
+    """Lookups over a vocabulary of `size` ids in contiguous families (`families`: name → its ids), the methods
+    every tokenizer's vocabulary shares."""
+
+    families: dict[str, range]
+    size: int
+
+    def ids_of(self, family: str) -> range:
+        """The ids of a token family (empty for a family this vocabulary lacks)."""
+        return self.families.get(family, range(0))
+
+    def family_of(self, family: str) -> np.ndarray:
+        """(V,) bool: which ids belong to `family`."""
+        mask = np.zeros(self.size, dtype=bool)
+        ids = self.ids_of(family)
+        mask[ids.start : ids.stop] = True
+        return mask
+
+
+class Vocab(TokenFamilies):
     """Token ids, family after family: `<pad> <sos> <eos> <sep>`, notes `n0..n127`, durations
     `d1..d<max_duration>`; with instruments, `i0..i127` (General MIDI programs) and drum hits `h0..h127`;
     with velocities, `v1..v<velocity_bins>`; with byte-pair merges, the merged tokens `m0..`. Ids of the families
@@ -192,17 +211,6 @@ class Vocab:
         self.size = start
         self.max_duration = config.max_duration
         assert self.families["note"].start == self.SEP + 1
-
-    def ids_of(self, family: str) -> range:
-        """The ids of a token family (empty for a family this vocabulary lacks)."""
-        return self.families.get(family, range(0))
-
-    def family_of(self, family: str) -> np.ndarray:
-        """(V,) bool: which ids belong to `family`."""
-        mask = np.zeros(self.size, dtype=bool)
-        ids = self.ids_of(family)
-        mask[ids.start : ids.stop] = True
-        return mask
 
     def values(self) -> np.ndarray:
         """(V,) each token's value within its family: pitch of a note or hit, steps of a duration, program of an

@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import symusic
 
-from midigen.codec.config import NUM_PITCHES, PAD_ID, TokenizerConfig, Vocab
+from midigen.codec.config import NUM_PITCHES, PAD_ID, TokenFamilies, TokenizerConfig, Vocab
 from midigen.codec.grammar import NOTE_FIELDS, Fed
 from midigen.codec.midi_io import DRUM_INSTRUMENT, NoteTable, read_notes
 from midigen.codec.rows import ticks_per_quarter_of
 from midigen.codec.timing import BarGrid, ticks_to_steps
 from midigen.codec.tokenizer import (
     INSTRUMENT_FEATURES,
-    MULTITRACK_DTYPES,
-    SINGLE_STREAM_DTYPES,
     EncodedFile,
     TokenSequence,
+    array_dtypes_of,
+    feature_sizes_of,
     instruments_of,
 )
 from midigen.errors import BadMidiError, MidigenError
@@ -116,7 +116,7 @@ def miditok_config(config: TokenizerConfig) -> miditok.TokenizerConfig:
     return miditok.TokenizerConfig(**params)
 
 
-class MiditokVocab:
+class MiditokVocab(TokenFamilies):
     """The vocabulary of a MidiTok tokenizer, with the methods callers use on `Vocab`: families from MidiTok's token
     types (`FAMILIES`), each a contiguous block of ids."""
 
@@ -150,17 +150,6 @@ class MiditokVocab:
             else:
                 values[index] = index if token_type in SPECIAL_TOKENS else 0
         self._values = values
-
-    def ids_of(self, family: str) -> range:
-        """The ids of a token family (empty for a family this vocabulary lacks)."""
-        return self.families.get(family, range(0))
-
-    def family_of(self, family: str) -> np.ndarray:
-        """(V,) bool: which ids belong to `family`."""
-        mask = np.zeros(self.size, dtype=bool)
-        ids = self.ids_of(family)
-        mask[ids.start : ids.stop] = True
-        return mask
 
     def types_of(self, token_types: Sequence[str]) -> np.ndarray:
         """(V,) bool: which ids are of one of MidiTok's `token_types`."""
@@ -201,14 +190,11 @@ class MiditokTokenizer:
 
     @property
     def array_dtypes(self) -> dict[str, type[np.generic]]:
-        return MULTITRACK_DTYPES if self.config.instruments else SINGLE_STREAM_DTYPES
+        return array_dtypes_of(self.config)
 
     @property
     def feature_sizes(self) -> dict[str, int | None]:
-        sizes: dict[str, int | None] = {"bars": None, "beats": self.config.beat_positions}
-        if self.config.instruments:
-            sizes["instruments"] = INSTRUMENT_FEATURES
-        return sizes
+        return feature_sizes_of(self.config)
 
     @cached_property
     def grammar(self) -> MiditokGrammar:

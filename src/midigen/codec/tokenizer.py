@@ -95,7 +95,21 @@ class SparseScore:
 SINGLE_STREAM_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32,
                                                      "beats": np.uint16}
 MULTITRACK_DTYPES: dict[str, type[np.generic]] = SINGLE_STREAM_DTYPES | {"instruments": np.uint8}
+
 INSTRUMENT_FEATURES = 130  # the `instruments` feature: 0 none, 1 + program, 129 drums
+
+
+def array_dtypes_of(config: TokenizerConfig) -> dict[str, type[np.generic]]:
+    """How a store keeps the token and feature arrays of an encoding with `config`'s instruments setting."""
+    return MULTITRACK_DTYPES if config.instruments else SINGLE_STREAM_DTYPES
+
+
+def feature_sizes_of(config: TokenizerConfig) -> dict[str, int | None]:
+    """The features each token carries (name → number of values; None: unbounded, `bars`)."""
+    sizes: dict[str, int | None] = {"bars": None, "beats": config.beat_positions}
+    if config.instruments:
+        sizes["instruments"] = INSTRUMENT_FEATURES
+    return sizes
 
 
 def bytes_per_token(dtypes: dict[str, type[np.generic]]) -> int:
@@ -178,14 +192,11 @@ class SeedTokenizer:
 
     @property
     def array_dtypes(self) -> dict[str, type[np.generic]]:
-        return MULTITRACK_DTYPES if self.config.instruments else SINGLE_STREAM_DTYPES
+        return array_dtypes_of(self.config)
 
     @property
     def feature_sizes(self) -> dict[str, int | None]:
-        sizes: dict[str, int | None] = {"bars": None, "beats": self.config.beat_positions}
-        if self.config.instruments:
-            sizes["instruments"] = INSTRUMENT_FEATURES
-        return sizes
+        return feature_sizes_of(self.config)
 
     @cached_property
     def grammar(self) -> GrammarTables:

@@ -239,6 +239,10 @@ class SongLanes:
         if self.mode == "contiguous" or finished.all():
             for lane in np.flatnonzero(finished):
                 new_song[lane] = self._take(int(lane)) or self.lane_song[lane] == -1
+        return self._batch(new_song)
+
+    def _batch(self, new_song: np.ndarray) -> Batch:
+        """Each lane's next `context + 1` tokens (transposed by its shift), with which lanes began a new song."""
         batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
         batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.transposable)
         batch["new_song"] = torch.as_tensor(new_song)
@@ -303,9 +307,4 @@ class StaggeredLanes(SongLanes):
         for lane in np.flatnonzero(new_song):
             self._start(int(lane), random_point=not self.started)
         self.started = True
-        batch = self.data.gather(self.lane_song, self.lane_offset, self.context + 1)
-        batch["tokens"] = transpose_notes(batch["tokens"], self.lane_shift, self.data.transposable)
-        batch["new_song"] = torch.as_tensor(new_song)
-        batch["song"] = torch.as_tensor(self.lane_song.copy())
-        batch["offset"] = torch.as_tensor(self.lane_offset.copy())
-        return batch
+        return self._batch(new_song)
