@@ -12,6 +12,9 @@ instrument per part) and per encoding:
   continuations against the validation pieces (mean overlap area of the metric distributions, 1 = alike).
 Goals judged in code: seed + BPE 4,000 at least 2.5x fewer tokens per note than seed; the best midigen encoding at
 least 10% lower NLL per note than MidiTok REMI + BPE after equal CPU minutes.
+
+`--pitch-study` instead compares the seed codec and seed + BPE 1,000 with and without pitch-class/octave features,
+a merged token taking its first note's values or the sum over its notes (equal CPU minutes, NLL per note).
 """
 
 from __future__ import annotations
@@ -45,11 +48,16 @@ class Encoding:
     tokenizer: str  # `encode --tokenizer`
     bpe: int | None = None  # `tokenizer train --vocab`
     pitch_features: bool = False  # `train --pitch-features`
+    merged_notes: str = "first"  # `train --merged-notes`
     ours: bool = True  # a midigen encoding (the goal compares the best of these with REMI + BPE)
 
     @property
     def store_name(self) -> str:
         return f"{self.tokenizer}-bpe{self.bpe}" if self.bpe else self.tokenizer
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.store_name}-pc-{self.merged_notes}" if self.pitch_features else self.store_name
 
 
 ENCODINGS = (
@@ -59,6 +67,15 @@ ENCODINGS = (
     Encoding("MidiTok REMI", "remi", ours=False),
     Encoding("MidiTok REMI + BPE 4,000", "remi", bpe=4000, ours=False),
     Encoding("MidiTok TSD + BPE 4,000", "tsd", bpe=4000, ours=False),
+)
+# pitch-class/octave features with and without merges, and which values a merged token takes
+PITCH_STUDY = (
+    Encoding("seed", "seed"),
+    Encoding("seed + pitch class/octave", "seed", pitch_features=True),
+    Encoding("seed + BPE 1,000", "seed", bpe=1000),
+    Encoding("seed + BPE 1,000 + pitch class/octave of the first note", "seed", bpe=1000, pitch_features=True),
+    Encoding("seed + BPE 1,000 + pitch class/octave summed over the notes", "seed", bpe=1000, pitch_features=True,
+             merged_notes="sum"),
 )
 REMI_BPE = "MidiTok REMI + BPE 4,000"
 SEED_BPE = "seed + BPE 4,000"
@@ -95,7 +112,7 @@ def build_store(encoding: Encoding, files: list[Path], folder: Path) -> tuple[Pa
 
 def tokens_per_note(store: TokenStore, split: str = "val") -> float:
     songs = store.split_indices(split)
-    return sum(store.songs[i].length for i in songs) / sum(store.songs[i].notes for i in songs)
+    return int(store.songs.lengths[songs].sum()) / int(store.songs.notes[songs].sum())
 
 
 def train_and_score(encoding: Encoding, store: Path, run_dir: Path, budget: list[str], seed: int) -> dict[str, float]:
@@ -104,7 +121,7 @@ def train_and_score(encoding: Encoding, store: Path, run_dir: Path, budget: list
     out = run_dir / "eval.json"
     if not out.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        options = ["--pitch-features"] if encoding.pitch_features else []
+        options = ["--pitch-features", "--merged-notes", encoding.merged_notes] if encoding.pitch_features else []
         run("train", store, "-o", run_dir, "--preset", "small", "--seed", seed, "--device", "cpu", "--batching",
             "random", *budget, *options, "--quiet")
         run("eval", run_dir, "--data", store, "--device", "cpu", "--json", out)
@@ -116,11 +133,14 @@ def train_and_score(encoding: Encoding, store: Path, run_dir: Path, budget: list
 
 
 def generation_figures(run_dir: Path, store: TokenStore, folder: Path) -> dict[str, float]:
-    """Notes per second of generation (one lane) and the metrics' mean overlap with the validation pieces."""
+    """Notes per second of generation (one lane) and the metrics' mean overlap with all the corpus's pieces (a
+    corpus with one validation piece, the quartets, would give one value per metric: an overlap of two single values
+    is the same whatever they are)."""
     trained = load_model(run_dir, "cpu")
     tokenizer = load_tokenizer(trained.tokenizer)
     note_counts = tokenizer.note_counts()
-    prompts = [Path(store.songs[i].path) for i in store.split_indices("val")][:PROMPTS]
+    validation = [Path(store.songs[i].path) for i in store.split_indices("val")]
+    prompts = [validation[i % len(validation)] for i in range(PROMPTS)]  # each continued with its own seed
     out = folder / "generated"
     out.mkdir(exist_ok=True)
     notes, seconds = 0, 0.0
@@ -132,25 +152,28 @@ def generation_figures(run_dir: Path, store: TokenStore, folder: Path) -> dict[s
         notes += int(note_counts[generation.sequence.tokens[generation.prompt_length:]].sum())
         write_generation(generation, tokenizer, out / f"{index}.mid")
     metrics = folder / "metrics.json"
-    run("metrics", out, "--reference", *prompts, "--continuation-only", "--json", metrics, "--quiet")
+    pieces = [song.path for song in store.songs]
+    run("metrics", out, "--reference", *pieces, "--continuation-only", "--json", metrics, "--quiet")
     comparison = json.loads(metrics.read_text())["comparison"]
     overlaps = [scores["overlap_area"] for scores in comparison.values() if scores]
     return {"notes_per_s": notes / seconds, "overlap": float(np.mean(overlaps)) if overlaps else float("nan")}
 
 
-def measure(corpus: str, encoding: Encoding, minutes: float, steps: int, seeds: int, folder: Path) -> dict[str, object]:
+def measure(corpus: str, encoding: Encoding, budgets: dict[str, float], seeds: int, folder: Path,
+            generation: bool = True) -> dict[str, object]:
+    """Figures of `encoding` on `corpus`, one run per seed and budget ({"minutes": m, "steps": s}); with
+    `generation`, generation speed and metrics from the first seed's minutes run."""
     files = corpus_files(CORPORA[corpus])
     store_dir, files_per_s = build_store(encoding, files, folder / corpus)
     store = TokenStore(store_dir)
     result: dict[str, object] = {"tokens_per_note": tokens_per_note(store), "encode_files_per_s": files_per_s}
-    for name, value in (("minutes", minutes), ("steps", steps)):
+    for name, value in budgets.items():
         runs = []
         for seed in range(seeds):
-            run_dir = (folder / corpus / "runs" /
-                       f"{encoding.store_name}-{int(encoding.pitch_features)}-{value:g}{name}-{seed}")
+            run_dir = folder / corpus / "runs" / f"{encoding.run_name}-{value:g}{name}-{seed}"
             budget = [f"--max-{name}", value]
             runs.append(train_and_score(encoding, store_dir, run_dir, budget, seed))
-            if name == "minutes" and seed == 0:
+            if generation and name == "minutes" and seed == 0:
                 result |= generation_figures(run_dir, store, run_dir)
         result[name] = runs
     return result
@@ -162,43 +185,53 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(results: dict[str, dict[str, dict[str, object]]], minutes: float, steps: int, seeds: int) -> str:
-    lines = [f"`small` preset, random chunks, seeds 0..{seeds - 1}; equal CPU minutes: {minutes:g} min of training "
-             f"each; equal steps: {steps}. NLL per note and bits per second are comparable across encodings; NLL per "
-             "token is not. Generation: one lane, the first "
-             f"{PROMPT_BARS} bars of {PROMPTS} validation pieces continued {GENERATED_BARS} bars; overlap: the mean "
-             "overlap area of the musical metrics' distributions against those pieces (1 = alike).", ""]
-    verdicts = []
-    for corpus, by_encoding in results.items():
-        lines += [f"### {corpus}", "",
-                  "| encoding | tokens/note | encode files/s | train tokens/s | steps in the minutes | NLL/token "
-                  "(minutes) | NLL/note (minutes) | bits/s (minutes) | NLL/note (steps) | bits/s (steps) | "
-                  "generation notes/s | metrics overlap |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in by_encoding.items():
-            mins, stps = r["minutes"], r["steps"]
-            lines.append(
-                f"| {name} | {r['tokens_per_note']:.2f} | {r['encode_files_per_s']:.0f} | "
-                f"{statistics.mean(x['tokens_per_s'] for x in mins):.0f} | "
-                f"{statistics.mean(x['steps'] for x in mins):.0f} | {spread([x['nll'] for x in mins])} | "
-                f"{spread([x['nll_per_note'] for x in mins])} | {spread([x['bits_per_second'] for x in mins], 1)} | "
-                f"{spread([x['nll_per_note'] for x in stps])} | {spread([x['bits_per_second'] for x in stps], 1)} | "
-                f"{r['notes_per_s']:.0f} | {r['overlap']:.3f} |")
-        lines.append("")
-        seed_tpn, bpe_tpn = by_encoding["seed"]["tokens_per_note"], by_encoding[SEED_BPE]["tokens_per_note"]
-        ratio = seed_tpn / bpe_tpn
-        verdicts.append(f"- {corpus}: seed + BPE 4,000 writes {ratio:.2f}x fewer tokens per note than seed "
-                        f"({bpe_tpn:.2f} against {seed_tpn:.2f}; goal at least 2.5x): "
-                        f"**{'met' if ratio >= 2.5 else 'NOT met'}**.")
-        ours = {name: statistics.mean(x["nll_per_note"] for x in r["minutes"])
-                for name, r in by_encoding.items() if next(e for e in ENCODINGS if e.name == name).ours}
-        best = min(ours, key=ours.get)
-        remi = statistics.mean(x["nll_per_note"] for x in by_encoding[REMI_BPE]["minutes"])
-        gain = 1 - ours[best] / remi
-        verdicts.append(f"- {corpus}: the best midigen encoding after equal CPU minutes, {best}, has "
-                        f"{gain:.1%} lower NLL per note than MidiTok REMI + BPE 4,000 ({ours[best]:.3f} against "
-                        f"{remi:.3f} nats; goal at least 10%): **{'met' if gain >= 0.10 else 'NOT met'}**.")
-    return "\n".join(lines + ["Goals:", *verdicts])
+def report(corpus: str, by_encoding: dict[str, dict[str, object]], minutes: float, steps: int, seeds: int) -> str:
+    lines = [f"The {corpus}: `small` preset, random chunks, seeds 0..{seeds - 1}; equal CPU minutes: {minutes:g} min "
+             f"of training each; equal steps: {steps}. NLL per note and bits per second are comparable across "
+             f"encodings; NLL per token is not. Generation: one lane, the first {PROMPT_BARS} bars of {PROMPTS} "
+             f"validation pieces (taken again, with another seed, when there are fewer) continued {GENERATED_BARS} "
+             "bars; overlap: the mean overlap area of the musical metrics' distributions against all the corpus's "
+             "pieces (1 = alike).", "",
+             "| encoding | tokens/note | encode files/s | train tokens/s | steps in the minutes | NLL/token "
+             "(minutes) | NLL/note (minutes) | bits/s (minutes) | NLL/note (steps) | bits/s (steps) | "
+             "generation notes/s | metrics overlap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in by_encoding.items():
+        mins, stps = r["minutes"], r["steps"]
+        lines.append(
+            f"| {name} | {r['tokens_per_note']:.2f} | {r['encode_files_per_s']:.0f} | "
+            f"{statistics.mean(x['tokens_per_s'] for x in mins):.0f} | "
+            f"{statistics.mean(x['steps'] for x in mins):.0f} | {spread([x['nll'] for x in mins])} | "
+            f"{spread([x['nll_per_note'] for x in mins])} | {spread([x['bits_per_second'] for x in mins], 1)} | "
+            f"{spread([x['nll_per_note'] for x in stps])} | {spread([x['bits_per_second'] for x in stps], 1)} | "
+            f"{r['notes_per_s']:.0f} | {r['overlap']:.3f} |")
+    seed_tpn, bpe_tpn = by_encoding["seed"]["tokens_per_note"], by_encoding[SEED_BPE]["tokens_per_note"]
+    ratio = seed_tpn / bpe_tpn
+    ours = {name: statistics.mean(x["nll_per_note"] for x in r["minutes"])
+            for name, r in by_encoding.items() if next(e for e in ENCODINGS if e.name == name).ours}
+    best = min(ours, key=ours.get)
+    remi = statistics.mean(x["nll_per_note"] for x in by_encoding[REMI_BPE]["minutes"])
+    gain = 1 - ours[best] / remi
+    return "\n".join(lines + [
+        "", "Goals:",
+        f"- seed + BPE 4,000 writes {ratio:.2f}x fewer tokens per note than seed ({bpe_tpn:.2f} against "
+        f"{seed_tpn:.2f}; goal at least 2.5x): **{'met' if ratio >= 2.5 else 'NOT met'}**.",
+        f"- the best midigen encoding after equal CPU minutes, {best}, has {gain:.1%} lower NLL per note than MidiTok "
+        f"REMI + BPE 4,000 ({ours[best]:.3f} against {remi:.3f} nats; goal at least 10%): "
+        f"**{'met' if gain >= 0.10 else 'NOT met'}**."])
+
+
+def pitch_report(corpus: str, by_encoding: dict[str, dict[str, object]], minutes: float, seeds: int) -> str:
+    lines = [f"The {corpus}: `small` preset, random chunks, {minutes:g} CPU minutes of training per run, seeds "
+             f"0..{seeds - 1}: validation NLL per note (nats), mean ± standard deviation over the seeds, then seed by "
+             "seed. A merged token holding several notes takes the pitch class and octave of its first note, or the "
+             "sum of the embeddings of all its notes' (`train --merged-notes`).", "",
+             "| encoding | tokens/note | NLL/note | seed by seed | steps in the minutes |", "|---|---|---|---|---|"]
+    for name, r in by_encoding.items():
+        nll = [x["nll_per_note"] for x in r["minutes"]]
+        lines.append(f"| {name} | {r['tokens_per_note']:.2f} | {spread(nll)} | " + " / ".join(f"{x:.3f}" for x in nll)
+                     + f" | {statistics.mean(x['steps'] for x in r['minutes']):.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -208,14 +241,34 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--corpus", choices=sorted(CORPORA), action="append", help="default: both")
     parser.add_argument("--quick", action="store_true", help="check that the bench runs (tiny budgets, one seed)")
+    parser.add_argument("--pitch-study", action="store_true",
+                        help="instead: pitch-class/octave features with and without merges, first note or sum "
+                             "(equal minutes only)")
+    parser.add_argument("--encoding", action="append", metavar="NAME",
+                        help="with --pitch-study: only this encoding of the study (repeatable; default: all)")
     args = parser.parse_args()
+    chosen = PITCH_STUDY if args.pitch_study else ENCODINGS
+    if args.encoding and not args.pitch_study:
+        parser.error("--encoding selects encodings of --pitch-study (the table's goals need all of its encodings)")
+    if args.encoding:
+        unknown = sorted(set(args.encoding) - {encoding.name for encoding in chosen})
+        if unknown:
+            parser.error(f"unknown encoding(s) {unknown}; choose from {[encoding.name for encoding in chosen]}")
+        chosen = tuple(encoding for encoding in chosen if encoding.name in args.encoding)
     minutes, steps, seeds = (0.1, 5, 1) if args.quick else (args.minutes, args.steps, args.seeds)
     corpora = args.corpus or list(CORPORA)
     folder = CACHE / ("tokenizers-quick" if args.quick else "tokenizers")  # stores and runs, reused when rerun
-    results = {corpus: {encoding.name: measure(corpus, encoding, minutes, steps, seeds, folder)
-                        for encoding in ENCODINGS} for corpus in corpora}
-    write_section("Tokenizers: tokens per note, and NLL per note for equal compute", report(results, minutes, steps,
-                                                                                            seeds), quick=args.quick)
+    for corpus in corpora:  # a section per corpus, so that `--corpus` refreshes one and keeps the other
+        if args.pitch_study:
+            results = {encoding.name: measure(corpus, encoding, {"minutes": minutes}, seeds, folder, generation=False)
+                       for encoding in chosen}
+            write_section(f"Pitch-class and octave features, with and without merges ({corpus})",
+                          pitch_report(corpus, results, minutes, seeds), quick=args.quick)
+        else:
+            results = {encoding.name: measure(corpus, encoding, {"minutes": minutes, "steps": steps}, seeds, folder)
+                       for encoding in chosen}
+            write_section(f"Tokenizers ({corpus}): tokens per note, and NLL per note for equal compute",
+                          report(corpus, results, minutes, steps, seeds), quick=args.quick)
 
 
 if __name__ == "__main__":

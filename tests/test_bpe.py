@@ -238,7 +238,8 @@ def test_generate_batch_with_an_untrained_model_writes_grammatical_bpe_sequences
     tokenizer = bpe_tokenizer(stores, "multitrack")
     config = ModelConfig.preset("tiny", tokenizer.config)
     torch.manual_seed(0)
-    loaded = LoadedModel(MusicTransformer(config, tokenizer.token_lookups()), tokenizer.config, config, Path("."), 0)
+    model = MusicTransformer(config, config.derived_weights(tokenizer))
+    loaded = LoadedModel(model, tokenizer.config, config, Path("."), 0)
     prompts = [empty_prompt(tokenizer), load_prompt(MULTITRACK[0], 2, tokenizer)]
     generations = generate_batch(loaded, prompts, SamplingConfig(seed=1), new_tokens=40, num_samples=2)
     for generation in generations:
@@ -261,6 +262,46 @@ def test_tokenizer_train_and_roundtrip_from_the_command_line(stores: dict[str, P
     assert notes_of(symusic.Score(str(out))) == notes_of(tokenizer.decode(tokenizer.encode(PROMPTS[0])))
     assert main(["tokenizer", "train", str(store), "--vocab", "1000", "-o", str(tmp_path / "again")]) == 2
     assert "already holds merged tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["multitrack", "single"])
+def test_merged_tokens_count_the_pitch_classes_and_octaves_of_every_note_they_hold(stores: dict[str, Path],
+                                                                                  name: str) -> None:
+    tokenizer = bpe_tokenizer(stores, name)
+    counts, first = tokenizer.token_value_counts(), tokenizer.token_lookups()
+    merged = np.arange(tokenizer.vocab.size) >= tokenizer.base.vocab.size
+    for path in PROMPTS[:3] + (MULTITRACK if name == "multitrack" else []):
+        sequence = tokenizer.encode(path)
+        pitches = np.array([note.pitch for track in tokenizer.decode(sequence).tracks if not track.is_drum
+                            for note in track.notes], dtype=np.int64)
+        for feature, values in (("pitch_classes", 1 + pitches % 12), ("octaves", 1 + pitches // 12)):
+            table = counts[feature]
+            assert np.array_equal(table.sum(axis=1) >= 1, np.ones(len(table), dtype=bool))
+            summed = table[sequence.tokens].sum(axis=0)  # (values,) notes at each value over the song
+            expected = np.bincount(values, minlength=table.shape[1])
+            assert np.array_equal(summed[1:], expected[1:]), (path.name, feature)
+            # "first" takes one of the counted values: the first note's
+            rows = table[np.arange(len(table)), first[feature]]
+            assert (rows >= 1).all()
+    holds_several = counts["pitch_classes"][:, 1:].sum(axis=1) > 1
+    assert (holds_several & merged).any() and not (holds_several & ~merged).any()
+
+
+def test_a_model_summing_merged_notes_trains_saves_and_loads_with_its_weights(stores: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    from midigen.inference import load_model
+
+    run = tmp_path / "run"
+    assert main(["train", str(stores["single-bpe"]), "-o", str(run), "--preset", "tiny", "--pitch-features",
+                 "--merged-notes", "sum", "--max-steps", "2", "--device", "cpu", "--quiet"]) == 0
+    loaded = load_model(run, "cpu")
+    assert loaded.model_config.merged_notes == "sum"
+    tokenizer = load_tokenizer(loaded.tokenizer)
+    for feature, table in tokenizer.token_value_counts().items():
+        buffer = loaded.model.lookups.get_buffer(feature).numpy()
+        assert np.array_equal(buffer[:, : table.shape[1]], table)
+    with pytest.raises(SystemExit):
+        main(["train", str(stores["single-bpe"]), "-o", str(tmp_path / "bad"), "--merged-notes", "mean"])
 
 
 def test_encode_with_bpe_writes_the_base_store_and_the_merged_one(tmp_path: Path) -> None:

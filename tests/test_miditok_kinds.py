@@ -224,7 +224,7 @@ def test_an_untrained_model_generates_what_the_grammar_allows_and_it_decodes(any
     tokenizer = any_tokenizer
     torch.manual_seed(0)
     config = ModelConfig.preset("tiny", tokenizer.config, derived_features=True)
-    model = MusicTransformer(config, tokenizer.token_lookups()).eval()
+    model = MusicTransformer(config, config.derived_weights(tokenizer)).eval()
     loaded = LoadedModel(model, tokenizer.config, config, tmp_path, 0)
     prompts = [empty_prompt(tokenizer), load_prompt(BAND, 2, tokenizer)]
     events: list[TokenEvent] = []

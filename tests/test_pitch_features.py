@@ -65,7 +65,7 @@ def test_derived_features_equal_passing_them() -> None:
     tokenizer = load_tokenizer(SINGLE_STREAM)
     lookups = tokenizer.token_lookups()
     torch.manual_seed(0)
-    derived = MusicTransformer(MODEL, lookups).eval()
+    derived = MusicTransformer(MODEL, MODEL.derived_weights(tokenizer)).eval()
     assert not any(name.startswith("lookups") for name in derived.state_dict())  # rebuilt from the tokenizer
     passed = MusicTransformer(replace(MODEL, embeddings=MODEL.embeddings | MODEL.derived_embeddings,
                                       derived_embeddings={})).eval()
@@ -88,13 +88,14 @@ def test_derived_features_equal_passing_them() -> None:
 def test_a_model_deriving_features_needs_their_lookups() -> None:
     with pytest.raises(MidigenError, match="pitch_classes"):
         MusicTransformer(MODEL)
-    wrong = load_tokenizer(SINGLE_STREAM).token_lookups() | {"octaves": np.full(MODEL.vocab_size, 12)}
-    with pytest.raises(MidigenError, match="octaves"):
-        MusicTransformer(MODEL, wrong)
+    weights = MODEL.derived_weights(load_tokenizer(SINGLE_STREAM))
+    for wrong in (np.ones((MODEL.vocab_size, 13), dtype=np.float32), np.ones((MODEL.vocab_size - 1, 12))):
+        with pytest.raises(MidigenError, match="octaves"):
+            MusicTransformer(MODEL, weights | {"octaves": wrong})
     assert MODEL.derived_embeddings == {"pitch_classes": 13, "octaves": 12}  # pitches 120-127: octave 11
     assert ModelConfig.from_saved(MODEL.to_dict()) == MODEL
     saved_before = ModelConfig.preset("tiny", SINGLE_STREAM).to_dict()
-    del saved_before["derived_embeddings"]
+    del saved_before["derived_embeddings"], saved_before["merged_notes"]
     assert ModelConfig.from_saved(saved_before) == ModelConfig.preset("tiny", SINGLE_STREAM)
 
 

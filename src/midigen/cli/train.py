@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 
-from midigen.model.config import MEMORY_MODES, PRESETS
+from midigen.model.config import MEMORY_MODES, MERGED_NOTES, PRESETS
 from midigen.training.config import BATCHING_MODES, DATA_LOCATIONS, TrainConfig
 
 DEFAULT_MAX_STEPS = 2000  # the budget of a new run given neither --max-steps nor --max-minutes
@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--pitch-features", action="store_true",
                         help="also embed each note's pitch class and octave, which the model derives from its token")
+    parser.add_argument("--merged-notes", choices=MERGED_NOTES,
+                        help="with --pitch-features on a store with merges: a merged token takes its first note's "
+                             "pitch class and octave, or the sum over all its notes (default first)")
     parser.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     given = {option: getattr(args, option) for option in (*TRAIN_OPTIONS, *MODEL_OPTIONS)
              if getattr(args, option) is not None} | ({"compile": True} if args.compile else {}) | (
-                 {"pitch_features": True} if args.pitch_features else {})
+                 {"pitch_features": True} if args.pitch_features else {}) | (
+                 {"merged_notes": args.merged_notes} if args.merged_notes else {})
     budget = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
     if args.resume:
         if given:
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             budget["max_steps"] = DEFAULT_MAX_STEPS
         train_config = TrainConfig(**{TRAIN_OPTIONS[option]: value for option, value in given.items()
                                       if option in TRAIN_OPTIONS}, compile=args.compile, **budget)
-        overrides = {name: given[name] for name in ("memory", "context") if name in given}
+        overrides = {name: given[name] for name in ("memory", "context", "merged_notes") if name in given}
         model_config = ModelConfig.preset(args.preset or "small", store.config, derived_features=args.pitch_features,
                                           **overrides)
     result, trainer = train(args.store, args.output, model_config, train_config, resume=args.resume,

@@ -138,6 +138,18 @@ class BpeTokenizer:
             lookups[name] = first
         return lookups
 
+    def token_value_counts(self) -> dict[str, np.ndarray]:
+        """Every note of a merged token counted at its value; a token without notes counts one 0."""
+        owners = np.repeat(np.arange(self.vocab.size), self.lengths)  # (sum lengths,) the token of each base token
+        counts = {}
+        for name, values in self.base.token_lookups().items():
+            flat = np.asarray(values, dtype=np.int64)[self.flat]  # (sum lengths,)
+            table = np.zeros((self.vocab.size, int(flat.max()) + 1), dtype=np.float32)  # (V, values)
+            np.add.at(table, (owners[flat > 0], flat[flat > 0]), 1)
+            table[table.sum(axis=1) == 0, 0] = 1
+            counts[name] = table
+        return counts
+
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
         """(V,) bool: the tokens all of whose base tokens the base tokenizer allows."""
         return self.all_of(self.base.instrument_tokens(instruments))

@@ -104,6 +104,12 @@ class Tokenizer(Protocol):
         tokens without it), e.g. the pitch class and octave of pitched notes; the model looks them up itself."""
         ...
 
+    def token_value_counts(self) -> dict[str, np.ndarray]:
+        """For each of `token_lookups`' features: (V, values) float32, how many of each token's notes take each value;
+        a token without notes counts one 0. A base token's row is its lookup value, one-hot; a merged token's counts
+        every note it holds."""
+        ...
+
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
         """(V,) bool: the tokens a generation restricted to `instruments` (programs, 128 for drums) may use."""
         ...

@@ -47,6 +47,8 @@ from midigen.codec.tokenizer import (
     array_dtypes_of,
     feature_sizes_of,
     instruments_of,
+    one_hot_counts,
+    pitch_lookups,
 )
 from midigen.errors import BadMidiError, MidigenError
 
@@ -213,9 +215,10 @@ class MiditokTokenizer:
 
     def token_lookups(self) -> dict[str, np.ndarray]:
         """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of pitched notes, 0 elsewhere."""
-        pitch = self.transposable_pitches()
-        pitched = pitch >= 0
-        return {"pitch_classes": np.where(pitched, 1 + pitch % 12, 0), "octaves": np.where(pitched, 1 + pitch // 12, 0)}
+        return pitch_lookups(self.transposable_pitches())
+
+    def token_value_counts(self) -> dict[str, np.ndarray]:
+        return one_hot_counts(self.token_lookups())
 
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
         """(V,) bool: every token but the `Program` tokens of other instruments, and drums unless 128 is chosen."""

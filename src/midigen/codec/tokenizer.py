@@ -112,6 +112,19 @@ def feature_sizes_of(config: TokenizerConfig) -> dict[str, int | None]:
     return sizes
 
 
+def pitch_lookups(pitches: np.ndarray) -> dict[str, np.ndarray]:
+    """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of each token's pitch (−1: none), 0 where
+    there is none."""
+    pitch = np.asarray(pitches, dtype=np.int64)
+    pitched = pitch >= 0
+    return {"pitch_classes": np.where(pitched, 1 + pitch % 12, 0), "octaves": np.where(pitched, 1 + pitch // 12, 0)}
+
+
+def one_hot_counts(lookups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`token_value_counts` of tokens holding at most one note: each token's lookup value, one-hot (V, values)."""
+    return {name: np.eye(int(values.max()) + 1, dtype=np.float32)[values] for name, values in lookups.items()}
+
+
 def bytes_per_token(dtypes: dict[str, type[np.generic]]) -> int:
     return sum(np.dtype(dtype).itemsize for dtype in dtypes.values())
 
@@ -214,9 +227,10 @@ class SeedTokenizer:
     def token_lookups(self) -> dict[str, np.ndarray]:
         """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of pitched notes; 0 for drum hits and
         every other token."""
-        pitch = self.transposable_pitches().astype(np.int64)
-        pitched = pitch >= 0
-        return {"pitch_classes": np.where(pitched, 1 + pitch % 12, 0), "octaves": np.where(pitched, 1 + pitch // 12, 0)}
+        return pitch_lookups(self.transposable_pitches())
+
+    def token_value_counts(self) -> dict[str, np.ndarray]:
+        return one_hot_counts(self.token_lookups())
 
     def instrument_tokens(self, instruments: Sequence[int]) -> np.ndarray:
         """(V,) bool: every token but the instrument tokens of other programs, and drum hits unless 128 is chosen."""

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from midigen.codec.config import TokenizerConfig
 from midigen.codec.registry import load_tokenizer
+from midigen.codec.tokenizer import one_hot_counts
 from midigen.config import JsonConfig
 from midigen.errors import MidigenError
 
 MEMORY_MODES = ("none", "xl", "knn")
+MERGED_NOTES = ("first", "sum")
+
+if TYPE_CHECKING:
+    from midigen.codec.interface import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class ModelConfig(JsonConfig):
     derived_embeddings: features the model derives from each token's id alone, through the tokenizer's
         `token_lookups` (`pitch_classes`, `octaves` of note tokens), embedded like `embeddings` but never stored nor
         passed: everything that reads `embeddings` as the features carried per position stays unchanged.
+    merged_notes: how a merged (BPE) token holding several notes takes their derived features: "first" (its
+        first note's values) or "sum" (the sum of every note's embeddings).
     context: tokens per segment (training window, and the generation window without memory).
     rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
         buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
@@ -38,6 +47,7 @@ class ModelConfig(JsonConfig):
     vocab_size: int = 388
     embeddings: dict[str, int] = field(default_factory=lambda: {"bars": 32, "beats": 64})
     derived_embeddings: dict[str, int] = field(default_factory=dict)
+    merged_notes: str = "first"
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -59,6 +69,8 @@ class ModelConfig(JsonConfig):
             raise MidigenError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.memory not in MEMORY_MODES:
             raise MidigenError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
+        if self.merged_notes not in MERGED_NOTES:
+            raise MidigenError(f"merged_notes must be one of {', '.join(MERGED_NOTES)}, got {self.merged_notes!r}")
         if self.context < 2:
             raise MidigenError(f"context must be at least 2, got {self.context}")
         if not -self.n_layers <= self.knn_layer < self.n_layers:
@@ -92,17 +104,28 @@ class ModelConfig(JsonConfig):
             return None
         return self.knn_layer % self.n_layers
 
+    def derived_weights(self, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+        """Per derived feature, (V, values) float32: how much of each value's embedding each token takes (a one-hot
+        row per token, or with `merged_notes` "sum" the count of a merged token's notes at each value)."""
+        if not self.derived_embeddings:
+            return {}
+        if self.merged_notes == "sum":
+            return tokenizer.token_value_counts()
+        return one_hot_counts(tokenizer.token_lookups())
+
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
         """A config as saved in a run or model folder; one of midigen 0.2 (bar and beat embeddings as the fields
         `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model; one saved before derived features
-        derives none."""
+        derives none (and merged tokens take their first note's)."""
         if isinstance(data, dict) and "embeddings" not in data and {"use_bar_beat", "num_bars", "beat_positions"} <= set(data):
             data = dict(data)
             use, bars, beats = data.pop("use_bar_beat"), data.pop("num_bars"), data.pop("beat_positions")
             data["embeddings"] = {"bars": bars, "beats": beats} if use else {}
         if isinstance(data, dict) and "derived_embeddings" not in data:
             data = data | {"derived_embeddings": {}}
+        if isinstance(data, dict) and "merged_notes" not in data:
+            data = data | {"merged_notes": "first"}
         return cls.from_dict(data, complete=True)
 
     @classmethod

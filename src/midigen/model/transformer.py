@@ -316,10 +316,10 @@ class ModelOutput:
 
 
 class MusicTransformer(nn.Module):
-    """`lookups`: the tokenizer's `token_lookups()`, the (V,) value of each derived feature per token id; those the
-    config derives are kept as buffers that are not saved with the weights (the tokenizer rebuilds them)."""
+    """`derived`: `config.derived_weights(tokenizer)`, per derived feature the (V, values) weights of each value's
+    embedding in each token's; kept as buffers that are not saved with the weights (the tokenizer rebuilds them)."""
 
-    def __init__(self, config: ModelConfig, lookups: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, config: ModelConfig, derived: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
@@ -328,13 +328,14 @@ class MusicTransformer(nn.Module):
                                           for name, size in (config.embeddings | config.derived_embeddings).items()})
         self.lookups = nn.Module()
         for name, size in config.derived_embeddings.items():
-            lookup = (lookups or {}).get(name)
-            if lookup is None:
+            weights = (derived or {}).get(name)
+            if weights is None:
                 raise MidigenError(f"the model derives {name!r} from token ids, but its tokenizer gives no such lookup")
-            if lookup.shape != (config.vocab_size,) or not 0 <= lookup.min() <= lookup.max() < size:
-                raise MidigenError(f"the tokenizer's {name!r} lookup (shape {lookup.shape}, values {lookup.min()}.."
-                                   f"{lookup.max()}) does not fit the model ({config.vocab_size} tokens, {size} values)")
-            self.lookups.register_buffer(name, torch.as_tensor(lookup, dtype=torch.long), persistent=False)  # (V,)
+            if weights.ndim != 2 or weights.shape[0] != config.vocab_size or weights.shape[1] > size:
+                raise MidigenError(f"the tokenizer's {name!r} lookup ({weights.shape[0]} tokens, {weights.shape[-1]} "
+                                   f"values) does not fit the model ({config.vocab_size} tokens, {size} values)")
+            padded = np.pad(weights.astype(np.float32), ((0, 0), (0, size - weights.shape[1])))  # (V, size)
+            self.lookups.register_buffer(name, torch.as_tensor(padded), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         knn_layer = config.knn_layer_index
         self.blocks = nn.ModuleList([Block(config, with_knn=i == knn_layer) for i in range(config.n_layers)])
@@ -382,7 +383,7 @@ class MusicTransformer(nn.Module):
         x = self.tok_emb(tokens)
         for name, table in self.feature_emb.items():
             if name in self.config.derived_embeddings:
-                x = x + table(self.lookups.get_buffer(name)[tokens])
+                x = x + self.lookups.get_buffer(name)[tokens] @ table.weight  # (B, T, values) @ (values, C)
             else:
                 x = x + table(features[name] % table.num_embeddings)
         x = self.drop(x)  # (B, T, C)
