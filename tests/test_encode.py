@@ -24,10 +24,10 @@ from midi_factory import make_score, million_note_score, write_score
 
 from midigen.codec import load_tokenizer
 from midigen.codec import sandbox
-from midigen.errors import BadMidiError
+from midigen.errors import BadMidiError, MidigenError
 from midigen.data import encode as encode_module
 from midigen.data.encode import encode_files, input_paths
-from midigen.data.store import TokenStore
+from midigen.data.store import KeyIndex, TokenStore
 
 MELODY = [(0, 60, 4), (4, 62, 4), (8, 64, 8)]
 
@@ -182,10 +182,10 @@ def test_a_crash_mid_chunk_blames_one_file_and_retries_the_rest(
     paths = [str(p) for p in copy_prompts(prompt_files, tmp_path, copies=2)]
     victim = Path(paths[13])  # and its copy, paths[32]
     monkeypatch.setattr(sandbox, "parse_one", fail_on(victim.name, "crash"))
-    results = list(sandbox.encode_in_workers(paths, SINGLE_STREAM, workers=1))
-    assert [index for index, _ in results] == list(range(len(paths)))
+    results = list(sandbox.encode_in_workers(iter(paths), len(paths), SINGLE_STREAM, workers=1))
+    assert [(index, path) for index, path, _ in results] == list(enumerate(paths))
     tokenizer = load_tokenizer(SINGLE_STREAM)
-    for index, result in results:
+    for index, _, result in results:
         if Path(paths[index]).name == victim.name:
             assert result == sandbox.Skip("parser crashed: SIGSEGV")
         else:
@@ -208,9 +208,15 @@ def test_workers_held_back_by_a_slow_file_go_on_once_it_is_done(
 
     monkeypatch.setattr(sandbox, "parse_one", slow_first)
     monkeypatch.setattr(sandbox, "MAX_CHUNK", 1)
-    results = list(sandbox.encode_in_workers(paths, SINGLE_STREAM, workers=2))
-    assert [index for index, _ in results] == list(range(len(paths)))
-    assert all(isinstance(result, sandbox.EncodedSong) for _, result in results)
+    results = list(sandbox.encode_in_workers(iter(paths), len(paths), SINGLE_STREAM, workers=2))
+    assert [(index, path) for index, path, _ in results] == list(enumerate(paths))
+    assert all(isinstance(result, sandbox.EncodedSong) for _, _, result in results)
+
+
+def test_files_gone_between_counting_and_encoding_stop_the_encode_with_one_line(prompt_files: list[Path]) -> None:
+    paths = [str(p) for p in prompt_files[:3]]
+    with pytest.raises(MidigenError, match="changed while encoding"):
+        list(sandbox.encode_in_workers(iter(paths), len(paths) + 2, SINGLE_STREAM, workers=1))
 
 
 def test_store_does_not_depend_on_the_number_of_workers(tmp_path: Path, prompt_files: list[Path]) -> None:
@@ -250,7 +256,7 @@ def test_interrupted_encode_resumes_without_redoing_anything(
 KILLABLE_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
-from midigen.errors import BadMidiError
+from midigen.errors import BadMidiError, MidigenError
 from midigen.data import encode
 from midigen.cli.main import main
 real = sandbox.parse_one
@@ -286,7 +292,7 @@ def test_killed_encode_resumes_to_the_same_store(tmp_path: Path, prompt_files: l
 HANGING_ENCODE = """
 import sys, time
 from midigen.codec import sandbox
-from midigen.errors import BadMidiError
+from midigen.errors import BadMidiError, MidigenError
 from midigen.cli.main import main
 sandbox.parse_one = lambda path: time.sleep(600)
 sys.exit(main(sys.argv[1:]))
@@ -342,13 +348,45 @@ def test_duplicates_and_repeated_inputs(tmp_path: Path, prompt_files: list[Path]
     assert summary.skipped_now == [(str(twin), f"duplicate: same content as {original}")]
 
 
+@pytest.mark.parametrize("block", [2, KeyIndex.BLOCK], ids=["merged-every-2-songs", "default-block"])
+def test_duplicates_of_songs_encoded_in_an_earlier_run_name_them(tmp_path: Path, prompt_files: list[Path],
+                                                                  block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KeyIndex, "BLOCK", block)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for path in prompt_files[:5]:
+        shutil.copy(path, copies / f"copy of {path.name}")
+    store = tmp_path / "store"
+    encode_files(prompt_files[:5], store, SINGLE_STREAM, workers=2, progress=False)
+    summary = encode_files([*prompt_files[:5], copies, prompt_files[5]], store, SINGLE_STREAM, workers=2,
+                           progress=False)
+    assert summary.already_done == 5 and summary.new_songs == 1
+    assert summary.skipped_now == [(str(copies / f"copy of {path.name}"), f"duplicate: same content as {path}")
+                                   for path in sorted(prompt_files[:5], key=lambda p: f"copy of {p.name}")]
+
+
+def test_the_content_index_answers_as_a_dict_across_its_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KeyIndex, "BLOCK", 7)
+    rng = np.random.default_rng(0)
+    keys = [int(key) for key in rng.integers(0, 2**64, size=100, dtype=np.uint64)]
+    index, expected = KeyIndex(keys[:30], range(30)), dict(zip(keys[:30], range(30)))
+    for value, key in enumerate(keys[30:], 30):
+        index.add(key, value)
+        expected[key] = value
+        assert index.get(key) == value
+    assert len(index) == 100 and all(index.get(key) == value for key, value in expected.items())
+    assert index.get(2**64 - 1) is None and index.get(0) is None and KeyIndex().get(5) is None
+
+
 def test_input_paths_are_absolute_recursive_sorted_and_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("b/2.midi", "b/1.MID", "a.mid", "a.txt", "c/d/e.mid"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / os.fsdecode(b"b/\xff.mid")).write_bytes(b"")  # a name that is not UTF-8 comes back as it was
     monkeypatch.chdir(tmp_path)
-    assert input_paths([".", "a.mid", "missing.mid"]) == [
-        str(tmp_path / name) for name in ("a.mid", "b/1.MID", "b/2.midi", "c/d/e.mid", "missing.mid")
+    assert list(input_paths([".", "a.mid", "missing.mid", "b", "c/d/e.mid", "c/"])) == [
+        str(tmp_path / name) for name in ("a.mid", "b/1.MID", "b/2.midi", os.fsdecode(b"b/\xff.mid"), "c/d/e.mid",
+                                          "missing.mid")
     ]
 
 

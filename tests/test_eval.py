@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -83,18 +84,24 @@ def test_seconds_at_follows_the_tempo_map() -> None:
     assert seconds_at(16, ((0, 90.0),), 4) == pytest.approx(16 * 60 / 90 / 4)
 
 
-def test_nll_per_note_and_bits_per_second(tiny_run: Path, prompt_store: Path) -> None:
+def test_nll_per_note_and_bits_per_second(tiny_run: Path, prompt_store: Path, tmp_path: Path) -> None:
     """The summed NLL of the hand-written cross-entropy, over the targets that are notes and over the seconds the
-    val songs span, each song given a tempo change halfway through."""
-    model, store = load_model(tiny_run).model.eval(), TokenStore(prompt_store)
-    spq, notes = store.config.steps_per_quarter, store.config.vocab.ids_of("note")
-    assert not store.config.vocab.ids_of("hit")  # no drums: the notes are the sounding tokens
-    seconds = 0.0
-    for song in store.split_indices("val"):
-        last = int(store.song(song).steps[-1])
-        assert last >= 2
-        store.songs[song] = replace(store.songs[song], tempos=((0, 120.0), (last // 2, 80.0)))
-        seconds += (last // 2) / spq * 60 / 120 + (last - last // 2) / spq * 60 / 80
+    val songs span, each song given a tempo change halfway through (in a copy of the store)."""
+    shutil.copytree(prompt_store, tmp_path / "store")
+    original = TokenStore(tmp_path / "store")
+    spq, notes = original.config.steps_per_quarter, original.config.vocab.ids_of("note")
+    assert not original.config.vocab.ids_of("hit")  # no drums: the notes are the sounding tokens
+    seconds, rows = 0.0, []
+    for song, entry in enumerate(original.songs):
+        if entry.split == "val":
+            last = int(original.song(song).steps[-1])
+            assert last >= 2
+            entry = replace(entry, tempos=((0, 120.0), (last // 2, 80.0)))
+            seconds += (last // 2) / spq * 60 / 120 + (last - last // 2) / spq * 60 / 80
+        rows.append(json.dumps(entry.row()) + "\n")
+    (tmp_path / "store" / "songs.jsonl").write_text("".join(rows))
+    model, store = load_model(tiny_run).model.eval(), TokenStore(tmp_path / "store")
+    assert store.songs[store.split_indices("val")[0]].tempos[1][1] == 80.0
     figures = evaluate_split(model, store, "val", batch_size=3)
     nll_all, target_all = hand_nll(model, store)
     note_count = int(((target_all >= notes.start) & (target_all < notes.stop)).sum())

@@ -35,7 +35,7 @@ def store_content(root: Path) -> dict:
     report["skipped"] = {reason: sorted(rows, key=lambda r: r["path"]) for reason, rows in report["skipped"].items()}
     return {
         "config": store.config,
-        "songs": store.songs,
+        "songs": list(store.songs),
         "arrays": {name: array.tobytes() for name, array in store.arrays.items()},
         "skipped": sorted((s.path, s.reason) for s in store.skipped()),
         "report": report,
@@ -59,8 +59,8 @@ def test_shards_merged_in_any_order_equal_one_encode(collection: Path, tmp_path:
 
 def test_shards_cover_every_file_once() -> None:
     paths = [f"f{i}" for i in range(23)]
-    shards = [Shard(i, 5).of(paths) for i in range(5)]
-    assert sum(shards, []) == paths
+    shards = [[paths[position] for position in Shard(index, 5).of(len(paths))] for index in range(5)]
+    assert sum(shards, []) == paths and all(len(shard) in (4, 5) for shard in shards)
 
 
 @pytest.mark.parametrize("text", ["3", "a/b", "4/4", "-1/3", "0/0"])

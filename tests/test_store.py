@@ -158,3 +158,27 @@ def test_empty_store_opens(tmp_path: Path) -> None:
     assert report["files"] == report["encoded"] == report["tokens"] == 0
     opened = TokenStore(tmp_path / "empty")
     assert len(opened) == 0 and opened.complete and opened.arrays["tokens"].size == 0
+
+
+def test_the_song_index_reads_each_entry_as_its_row_says(store: Path, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (store / "songs.jsonl").read_text().splitlines()]
+    opened = TokenStore(store)
+    assert len(opened.songs) == len(rows) > 2
+    as_json = lambda entry: json.loads(json.dumps(entry.row()))  # noqa: E731
+    assert [as_json(entry) for entry in opened.songs] == rows  # iterating
+    assert [as_json(opened.songs[i]) for i in range(len(rows))] == rows  # one at a time
+    assert as_json(opened.songs[-1]) == rows[-1]
+    assert opened.songs.lengths.tolist() == [row["length"] for row in rows]
+    assert opened.songs.starts.tolist() == [row["start"] for row in rows]
+    assert opened.songs.notes.tolist() == [row["notes"] for row in rows]
+    for split in SPLITS:
+        assert opened.split_indices(split) == [i for i, row in enumerate(rows) if row["split"] == split]
+    with pytest.raises(IndexError):
+        opened.songs[len(rows)]
+    # rows appended after the store was opened (an encode resuming) are not part of this reader's songs
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    reader = TokenStore(copy)
+    with open(copy / "songs.jsonl", "a") as handle:
+        handle.write(json.dumps(rows[0] | {"start": reader.num_tokens, "length": 0}) + "\n")
+    assert len(list(reader.songs)) == len(reader.songs) == len(rows)

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -211,17 +211,21 @@ class IsolatedEncoder:
 
 
 def encode_in_workers(
-    paths: Sequence[str], config: TokenizerConfig, workers: int, timeout_s: float = DEFAULT_TIMEOUT_S
-) -> Iterator[tuple[int, EncodeResult]]:
-    """Encode `paths` in `workers` processes; yields (index, result) for every path, in input order."""
+    paths: Iterable[str], total: int, config: TokenizerConfig, workers: int, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Iterator[tuple[int, str, EncodeResult]]:
+    """Encode the first `total` of `paths` in `workers` processes; yields (index, path, result) for each, in input
+    order. `paths` is read as work is handed out: only the paths of files in flight are held (a window ahead of the
+    oldest result not yet yielded), so a collection of any size costs the same memory."""
     context = process_context()
-    queue = _ChunkQueue(len(paths), workers)
+    upcoming = iter(paths)
+    held: dict[int, str] = {}  # index → path of every file handed out and not yet yielded
+    queue = _ChunkQueue(total, workers)
     window = 4 * MAX_CHUNK * workers  # how far results may run ahead of the oldest one not yet yielded
     finished: dict[int, EncodeResult] = {}
     next_out = 0
     # A slot gets a worker when there is a chunk for it (so the first one encodes while the next is
     # forked) and gives it up when no work is left (so workers exit while the last results come in).
-    pool: list[_Worker | None] = [None] * min(workers, len(paths))
+    pool: list[_Worker | None] = [None] * min(workers, total)
     retired: list[_Worker] = []
     try:
         ready: set[Any] = set()
@@ -244,15 +248,22 @@ def encode_in_workers(
                 if worker is not None and worker.chunk is not None:
                     continue
                 if chunk := queue.take(below=next_out + window):
-                    pool[slot] = _assigned(worker, chunk, paths, context, config)
+                    for index in chunk:  # a new chunk continues where the last one ended; one given back is held
+                        if index not in held:
+                            path = next(upcoming, None)
+                            if path is None:
+                                raise MidigenError(f"the input files changed while encoding ({index} of {total} "
+                                                   "found); run the command again to go on")
+                            held[index] = path
+                    pool[slot] = _assigned(worker, chunk, held, context, config)
                 elif worker is not None and queue.empty:
                     worker.stop()
                     retired.append(worker)
                     pool[slot] = None
             while next_out in finished:
-                yield next_out, finished.pop(next_out)
+                yield next_out, held.pop(next_out), finished.pop(next_out)
                 next_out += 1
-            if next_out == len(paths):
+            if next_out == total:
                 return
             busy = [w for w in pool if w is not None and w.chunk is not None]
             if not busy:  # the window held back work that the results just passed on let through
@@ -268,7 +279,7 @@ def encode_in_workers(
             worker.reap()
 
 
-def _assigned(worker: _Worker | None, chunk: list[int], paths: Sequence[str], context: Any,
+def _assigned(worker: _Worker | None, chunk: list[int], paths: Mapping[int, str] | Sequence[str], context: Any,
               config: TokenizerConfig) -> _Worker:
     """A worker encoding `chunk`: `worker` if it is alive, else a fresh one."""
     if worker is not None:
@@ -345,7 +356,7 @@ class _Worker:
         child.close()
         self.chunk: list[int] | None = None
 
-    def assign(self, chunk: list[int], paths: Sequence[str]) -> bool:
+    def assign(self, chunk: list[int], paths: Mapping[int, str] | Sequence[str]) -> bool:
         """Send a chunk of files; False if the worker is gone."""
         self.progress[0], self.progress[1] = 0, time.monotonic()
         try:

@@ -56,8 +56,7 @@ class TokenArrays:
 
     def __init__(self, store: TokenStore, location: str = "memmap", device: torch.device | None = None) -> None:
         self.store = store
-        self.starts = np.array([s.start for s in store.songs], dtype=np.int64)
-        self.lengths = np.array([s.length for s in store.songs], dtype=np.int64)
+        self.starts, self.lengths = store.songs.starts.copy(), store.songs.lengths.copy()  # (N,) each
         self.location = resolve_location(location, store, device)
         self.device = device if self.location == "gpu" else torch.device("cpu")
         self.transposable = store.tokenizer.transposable_pitches()  # (V,) pitch of each moving token, else −1

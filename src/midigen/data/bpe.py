@@ -49,14 +49,14 @@ def training_words(store: TokenStore, split_bars: bool = False,
     """The training songs' bodies (without `<sos>`/`<eos>`) as text, one word per song or per bar, from at most
     `max_tokens` base tokens: every song if they fit, else songs spread evenly over the training split."""
     songs = store.split_indices("train")
-    total = sum(store.songs[i].length for i in songs)
+    total = int(store.songs.lengths[songs].sum())
     share = min(1.0, max_tokens / total) if total else 1.0
     budget = max_tokens
     for rank, index in enumerate(songs):
         # keep `share` of the songs, evenly spaced, while they fit the budget (their lengths differ)
-        if int((rank + 1) * share) == int(rank * share) or store.songs[index].length > budget:
+        if int((rank + 1) * share) == int(rank * share) or store.songs.lengths[index] > budget:
             continue
-        budget -= store.songs[index].length
+        budget -= int(store.songs.lengths[index])
         song = store.song(index)
         body = ~np.isin(song.tokens, UNMERGED)
         tokens, bars = song.tokens[body], song.bars[body]
@@ -111,11 +111,11 @@ def train_store(source: str | Path, output: str | Path, vocab_size: int, split_b
     tokenizer = load_tokenizer(config)
     assert isinstance(tokenizer, BpeTokenizer)
     with StoreWriter(output, config) as writer:
-        todo = [index for index, entry in enumerate(store.songs) if entry.path not in writer.done]
+        todo = [index for index, entry in enumerate(store.songs) if not writer.done_before(entry.path)]
         if todo:
             writer.start_update()
         for skip in store.skipped():
-            if skip.path not in writer.done:
+            if not writer.done_before(skip.path):
                 writer.add_skipped(skip.path, skip.reason)
         with ForkSafeProgress(total=len(todo), unit="song", desc="merge", disable=not progress) as bar:
             for index in todo:

@@ -43,8 +43,9 @@ class Shard:
             raise MidigenError(f"--shard {text!r}: expected I/N, e.g. 3/8")
         return cls(int(index), int(count))
 
-    def of(self, paths: list[str]) -> list[str]:
-        return paths[self.index * len(paths) // self.count : (self.index + 1) * len(paths) // self.count]
+    def of(self, total: int) -> range:
+        """The positions of this shard's files among `total`."""
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
 
 
 @dataclass
@@ -56,21 +57,47 @@ class EncodeSummary:
     skipped_now: list[tuple[str, str]] = field(default_factory=list)
 
 
+def midi_files_under(folder: str, leave_out: frozenset[str] = frozenset(), watch: frozenset[str] = frozenset(),
+                     reached: set[str] | None = None) -> Iterator[str]:
+    """The .mid/.midi files under `folder`, sorted, recursively, without the files and folders in `leave_out`; the
+    folders walked and files yielded that are in `watch` are added to `reached`."""
+    for root, dirs, files in os.walk(folder):
+        if root in watch and reached is not None:
+            reached.add(root)
+        dirs[:] = sorted(name for name in dirs if os.path.join(root, name) not in leave_out)
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.lower().endswith(MIDI_SUFFIXES) and path not in leave_out:
+                if path in watch and reached is not None:
+                    reached.add(path)
+                yield path
+
+
 def find_midi_files(inputs: Iterable[str | Path]) -> Iterator[str]:
     """Files named directly (whatever their suffix), then .mid/.midi files under folders, sorted, recursively."""
     for item in inputs:
         path = os.fspath(item)
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                yield from (os.path.join(root, name) for name in sorted(files) if name.lower().endswith(MIDI_SUFFIXES))
+            yield from midi_files_under(path)
         else:
             yield path  # missing or unreadable paths are reported by the worker like any bad file
 
 
-def input_paths(inputs: Iterable[str | Path]) -> list[str]:
-    """Absolute paths of the MIDI files to encode, each once, so a rerun from any folder resumes."""
-    return list(dict.fromkeys(os.path.abspath(p) for p in find_midi_files(inputs)))
+def input_paths(inputs: Iterable[str | Path]) -> Iterator[str]:
+    """The absolute paths of `find_midi_files`, each once, so a rerun from any folder resumes: an input named again
+    or reached by the walk of a folder named before it is left out, and so is, from a folder's walk, what was named
+    before it. Only the inputs are held, never the list of files."""
+    named = [os.path.abspath(os.fspath(item)) for item in inputs]
+    watch, reached, done = frozenset(named), set(), set()  # done: the inputs taken so far
+    for path in named:
+        if path in done or path in reached:
+            continue
+        before = frozenset(done)
+        done.add(path)
+        if os.path.isdir(path):
+            yield from midi_files_under(path, before, watch, reached)
+        else:
+            yield path
 
 
 def encode_files(
@@ -86,18 +113,23 @@ def encode_files(
     only that share of the files (`midigen merge` joins the shards' stores)."""
     config = config or TokenizerConfig()
     workers = max(1, workers or os.cpu_count() or 1)
+    inputs = list(inputs)  # walked twice
     with StoreWriter(store_dir, config, shard=None if shard is None else (shard.index, shard.count)) as writer:
-        paths = input_paths(inputs)
-        if shard is not None:
-            paths = shard.of(paths)
-        todo = [path for path in paths if path not in writer.done]
-        summary = EncodeSummary(Path(store_dir), {}, already_done=len(paths) - len(todo))
-        if todo:
+        # the files are walked twice (to count them, then to encode them) rather than held: 1 byte a file is kept
+        done = bytearray(writer.done_before(path) for path in input_paths(inputs))
+        share = range(len(done)) if shard is None else shard.of(len(done))
+        already_done = sum(done[share.start : share.stop])
+        todo = (path for index, path in enumerate(input_paths(inputs))
+                if index in share and not done[index])
+        total = len(share) - already_done
+        summary = EncodeSummary(Path(store_dir), {}, already_done=already_done)
+        if total:
             writer.start_update()
-        with ForkSafeProgress(total=len(paths), initial=summary.already_done, unit="file", desc="encode", disable=not progress) as bar:
+        with ForkSafeProgress(total=len(share), initial=already_done, unit="file", desc="encode",
+                              disable=not progress) as bar:
             last_flush = time.monotonic()
-            for index, result in encode_in_workers(todo, config, workers, timeout_s):
-                _record(writer, todo[index], result, summary)
+            for _, path, result in encode_in_workers(todo, total, config, workers, timeout_s):
+                _record(writer, path, result, summary)
                 bar.update(1)
                 if time.monotonic() - last_flush > FLUSH_INTERVAL_S:
                     writer.flush()
@@ -109,7 +141,7 @@ def encode_files(
 
 def _record(writer: StoreWriter, path: str, result: EncodeResult, summary: EncodeSummary) -> None:
     if isinstance(result, EncodedSong):
-        original = writer.hashes.get(result.content_hash)
+        original = writer.original_of(result.content_hash)
         if original is None:
             writer.add_song(path, split_of(path), result)
             summary.new_songs += 1

@@ -59,7 +59,7 @@ def merge_stores(inputs: list[str | Path], output: str | Path, progress: bool = 
         writer.start_update()
         for store in stores:
             for index, song in enumerate(store.songs):
-                original = writer.hashes.get(song.hash)
+                original = writer.original_of(song.hash)
                 if original is not None:
                     writer.add_skipped(song.path, f"duplicate: same content as {original}")
                     duplicates.append((song.path, original))

@@ -22,10 +22,12 @@ songs are handled by the offsets in `songs.jsonl`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import fcntl
+import hashlib
 import json
+from array import array
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -96,35 +98,123 @@ class SkippedFile:
         return self.reason.split(":", 1)[0]
 
 
-def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
-    """Complete rows of a journal and the byte length they span (a torn last line is ignored)."""
+def _journal_rows(path: Path, row_type: type) -> Iterator[tuple[Any, int, int]]:
+    """Complete rows of a journal, read one at a time, each with the byte offsets where it starts and ends (a torn
+    last line is ignored)."""
     if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    rows = []
-    for number, line in enumerate(complete.splitlines(), 1):
-        try:
-            fields = json.loads(line)
-            if not isinstance(fields, dict):
-                raise TypeError("not a JSON object")
-            rows.append(row_type(**fields))
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise MidigenError(f"{path}: store is damaged (line {number}: {exc})") from None
-    return rows, len(complete)
+        return
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, line in enumerate(handle, 1):
+            if not line.endswith(b"\n"):
+                return
+            try:
+                fields = json.loads(line)
+                if not isinstance(fields, dict):
+                    raise TypeError("not a JSON object")
+                row = row_type(**fields)
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise MidigenError(f"{path}: store is damaged (line {number}: {exc})") from None
+            yield row, offset, offset + len(line)
+            offset += len(line)
 
 
-def _read_songs(root: Path) -> tuple[list[SongEntry], int]:
-    """The index of a store, checked to tile the arrays from the start, and its byte length."""
-    path = root / SONGS_FILE
-    songs, length = _read_journal(path, SongEntry)
-    end = 0
-    for number, song in enumerate(songs, 1):
+def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
+    """Complete rows of a journal and the byte length they span."""
+    rows, length = [], 0
+    for row, _, length in _journal_rows(path, row_type):
+        rows.append(row)
+    return rows, length
+
+
+def path_key(path: str) -> int:
+    """A path's 64-bit key, as a writer keeps the paths done in memory."""
+    return int.from_bytes(hashlib.blake2b(path.encode(errors="surrogateescape"), digest_size=8).digest(), "big")
+
+
+def content_key(content_hash: str) -> int:
+    """A song's content hash (hex) cut to its first 64 bits, as a writer keeps them in memory: two different songs
+    share a key with a chance of about 1e-9 in a collection of 176k files."""
+    return int(content_hash[:16], 16)
+
+
+class KeyIndex:
+    """64-bit keys → int values, 16 bytes a key: sorted numpy arrays, and the latest additions in a dict merged
+    into them in blocks (a dict of the hex content hashes cost about 170 bytes a song, most of an encode's memory
+    on a Lakh-size collection)."""
+
+    BLOCK = 4096
+
+    def __init__(self, keys: Iterable[int] = (), values: Iterable[int] = ()) -> None:
+        keys, values = np.fromiter(keys, dtype=np.uint64), np.fromiter(values, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], values[order]  # (N,) sorted, (N,)
+        self.recent: dict[int, int] = {}
+
+    def get(self, key: int) -> int | None:
+        if key in self.recent:
+            return self.recent[key]
+        at = int(np.searchsorted(self.keys, np.uint64(key)))
+        return int(self.values[at]) if at < len(self.keys) and int(self.keys[at]) == key else None
+
+    def add(self, key: int, value: int) -> None:
+        self.recent[key] = value
+        if len(self.recent) >= self.BLOCK:
+            keys = np.concatenate([self.keys, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))])
+            values = np.concatenate([self.values, np.fromiter(self.recent.values(), dtype=np.int64,
+                                                              count=len(self.recent))])
+            order = np.argsort(keys, kind="stable")
+            self.keys, self.values, self.recent = keys[order], values[order], {}
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.recent)
+
+
+def _song_rows(root: Path) -> Iterator[tuple[SongEntry, int, int]]:
+    """The index rows of a store with their byte offsets, checked to tile the arrays from the start."""
+    path, end = root / SONGS_FILE, 0
+    for number, (song, start, stop) in enumerate(_journal_rows(path, SongEntry), 1):
         if song.start != end:
             raise MidigenError(f"{path}: store is damaged (line {number}: song starts at token {song.start}, "
                                f"the songs before it end at {end})")
         end += song.length
-    return songs, length
+        yield song, start, stop
+
+
+class SongIndex(Sequence[SongEntry]):
+    """A store's songs: their offsets, lengths, note counts and splits as numpy columns (about 40 bytes a song),
+    each song's whole entry read from songs.jsonl when asked for. A list of entries, with their paths, hashes and
+    tempo maps, cost about a kilobyte a song: as much as the tokens of a short one, in every training process."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / SONGS_FILE
+        starts, lengths, notes, splits, offsets = (array("q") for _ in range(5))
+        for song, offset, _ in _song_rows(root):
+            starts.append(song.start)
+            lengths.append(song.length)
+            notes.append(song.notes)
+            splits.append(SPLITS.index(song.split) if song.split in SPLITS else len(SPLITS))
+            offsets.append(offset)
+        self.starts, self.lengths, self.notes, self.splits, self.offsets = (
+            np.array(column, dtype=np.int64) for column in (starts, lengths, notes, splits, offsets))  # (N,) each
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> SongEntry:  # type: ignore[override]
+        offset = int(self.offsets[index])  # numpy indexing: a negative index counts from the end, a bad one raises
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            return SongEntry(**json.loads(handle.readline()))
+
+    def __iter__(self) -> Iterator[SongEntry]:
+        for number, (song, _, _) in enumerate(_song_rows(self.path.parent)):
+            if number == len(self):
+                return
+            yield song
+
+    def split_indices(self, split: str) -> list[int]:
+        return np.flatnonzero(self.splits == SPLITS.index(split)).tolist() if split in SPLITS else []
 
 
 class TokenStore:
@@ -136,8 +226,8 @@ class TokenStore:
             raise MidigenError(f"{self.root}: not a token store (no {CONFIG_FILE}); create one with `midigen encode`")
         self.config = TokenizerConfig.load(self.root / CONFIG_FILE)
         self.tokenizer = load_tokenizer(self.config)
-        self.songs: list[SongEntry] = _read_songs(self.root)[0]
-        self.num_tokens = self.songs[-1].start + self.songs[-1].length if self.songs else 0
+        self.songs = SongIndex(self.root)
+        self.num_tokens = int(self.songs.starts[-1] + self.songs.lengths[-1]) if len(self.songs) else 0
         self.arrays = {name: self._map(name, dtype) for name, dtype in self.tokenizer.array_dtypes.items()}
         self.report: dict[str, Any] | None = _read_report(self.root / REPORT_FILE)
 
@@ -169,7 +259,7 @@ class TokenStore:
         return TokenSequence.unpacked({name: array[window] for name, array in self.arrays.items()}, grid)
 
     def split_indices(self, split: str) -> list[int]:
-        return [i for i, song in enumerate(self.songs) if song.split == split]
+        return self.songs.split_indices(split)
 
     def identity(self) -> str:
         """A hash of what a model trained on this store learned from: the tokenizer config and each song's
@@ -228,8 +318,9 @@ def _shard_text(shard: tuple[int, int] | None) -> str:
 class StoreWriter:
     """Appends songs to a store, creating it or resuming an interrupted one.
 
-    It keeps in memory only what resuming and the report need (paths, hashes, counts, skipped
-    files), not the songs' rows, so its memory grows by a few hundred bytes per file.
+    It keeps in memory only what resuming, duplicates and the report need: 64-bit keys of the paths done before it
+    opened the store and of the songs' contents, where each song's row starts, counts and the skipped files; about
+    24 bytes a song.
     """
 
     def __init__(self, root: str | Path, config: TokenizerConfig, shard: tuple[int, int] | None = None) -> None:
@@ -253,13 +344,22 @@ class StoreWriter:
             raise MidigenError(f"{self.root}: store holds another share of the files than {_shard_text(shard)} "
                                f"({_shard_text(_read_shard(self.root))}); use a new output folder")
         self.config = config
-        songs, songs_length = _read_songs(self.root)
+        self.num_tokens = songs_length = 0
+        self.split_counts: Counter[str] = Counter()
+        contents, done = array("Q"), array("Q")
+        self.row_offsets = array("Q")  # (songs,) where each song's row starts in songs.jsonl
+        for song, start, songs_length in _song_rows(self.root):
+            self.num_tokens = song.start + song.length
+            self.split_counts[song.split] += 1
+            contents.append(content_key(song.hash))
+            done.append(path_key(song.path))
+            self.row_offsets.append(start)
         skipped, skipped_length = _read_journal(self.root / SKIPPED_FILE, SkippedFile)
-        self.num_tokens = songs[-1].start + songs[-1].length if songs else 0
-        self.hashes = {song.hash: song.path for song in songs}
-        self.done = {song.path for song in songs} | {skip.path for skip in skipped}
-        self.split_counts = Counter(song.split for song in songs)
+        done.extend(path_key(skip.path) for skip in skipped)
+        self.done_keys = np.unique(np.frombuffer(done, dtype=np.uint64))  # (N,) sorted
+        self.contents = KeyIndex(contents, range(len(contents)))  # content key → song index
         self.skipped: list[SkippedFile] = skipped
+        self.rows_end = songs_length  # bytes of songs.jsonl, its pending rows included
         self.songs_file = self._open_cut(SONGS_FILE, songs_length)
         self.skipped_file = self._open_cut(SKIPPED_FILE, skipped_length)
         self.item_bytes = {name: np.dtype(dtype).itemsize for name, dtype in load_tokenizer(config).array_dtypes.items()}
@@ -267,7 +367,27 @@ class StoreWriter:
             name: self._open_cut(f"{name}.bin", self.num_tokens * item_bytes, WRITE_BUFFER_BYTES)
             for name, item_bytes in self.item_bytes.items()
         }
-        self.pending_rows: list[str] = []  # index rows of songs whose tokens are not yet flushed
+        self.pending_rows: list[bytes] = []  # index rows of songs whose tokens are not yet flushed
+
+    def done_before(self, path: str) -> bool:
+        """Whether `path` was encoded or skipped before this writer opened the store."""
+        key = np.uint64(path_key(path))
+        at = int(np.searchsorted(self.done_keys, key))
+        return at < len(self.done_keys) and bool(self.done_keys[at] == key)
+
+    def original_of(self, content_hash: str) -> str | None:
+        """The path of the song of the store with this content, if there is one."""
+        index = self.contents.get(content_key(content_hash))
+        if index is None:
+            return None
+        offset, pending = self.row_offsets[index], index - (len(self.row_offsets) - len(self.pending_rows))
+        if pending >= 0:
+            row = self.pending_rows[pending]
+        else:
+            with open(self.root / SONGS_FILE, "rb") as handle:
+                handle.seek(offset)
+                row = handle.readline()
+        return json.loads(row)["path"]
 
     def _lock(self) -> IO[bytes]:
         handle = open(self.root / LOCK_FILE, "ab")
@@ -308,24 +428,25 @@ class StoreWriter:
             offset += size
         entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split, song.tempos,
                           song.time_signatures, song.instruments)
-        self.pending_rows.append(json.dumps(entry.row()) + "\n")
+        row = (json.dumps(entry.row()) + "\n").encode()
+        self.contents.add(content_key(song.content_hash), len(self.row_offsets))
+        self.row_offsets.append(self.rows_end)
+        self.rows_end += len(row)
+        self.pending_rows.append(row)
         self.num_tokens += song.length
-        self.hashes[song.content_hash] = path
-        self.done.add(path)
         self.split_counts[split] += 1
         return entry
 
     def add_skipped(self, path: str, reason: str) -> None:
         skip = SkippedFile(path, reason)
         self.skipped.append(skip)
-        self.done.add(path)
         self.skipped_file.write((json.dumps(vars(skip)) + "\n").encode())
 
     def flush(self) -> None:
         """Make every song added so far durable in order: arrays first, then their index rows."""
         for handle in self.files.values():
             handle.flush()
-        self.songs_file.write("".join(self.pending_rows).encode())
+        self.songs_file.write(b"".join(self.pending_rows))
         self.pending_rows = []
         self.songs_file.flush()
         self.skipped_file.flush()

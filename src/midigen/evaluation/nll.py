@@ -124,7 +124,7 @@ def evaluate_split(
                              store.config.steps_per_quarter) for i in songs)
     device = device or next(model.parameters()).device
     data = TokenArrays(store, "memmap")
-    total = int(sum(max(0, store.songs[i].length - 1) for i in songs))
+    total = int(np.maximum(store.songs.lengths[songs] - 1, 0).sum())
     reach = model.config.reach
     recall = {song: recall_targets(store.song(song).tokens, reach) for song in songs}
     recall_sums = {True: [0.0, 0], False: [0.0, 0]}

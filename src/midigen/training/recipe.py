@@ -63,10 +63,10 @@ def validation_songs(store: TokenStore, songs: list[int], max_tokens: int) -> li
     """The fixed validation set: the first songs of the split, up to `max_tokens` tokens (at least one song)."""
     chosen, total = [], 0
     for song in songs:
-        if chosen and total + store.songs[song].length > max_tokens:
+        if chosen and total + int(store.songs.lengths[song]) > max_tokens:
             break
         chosen.append(song)
-        total += store.songs[song].length
+        total += int(store.songs.lengths[song])
     return chosen
 
 
@@ -201,7 +201,7 @@ def train(
                            f"do not match the store's tokenizer ({', '.join(sorted(features))})")
     dist = setup_distributed(train_config.device)
     torch.manual_seed(train_config.seed)
-    model = MusicTransformer(model_config, store.tokenizer.token_lookups())
+    model = MusicTransformer(model_config, model_config.derived_weights(store.tokenizer))
     train_songs, val_songs = split_songs(store)
     data = TokenArrays(store, train_config.data_location, dist.device)
     knn_device = knn_store_device(train_config.data_location, model_config,
