@@ -48,7 +48,7 @@ class Encoding:
     tokenizer: str  # `encode --tokenizer`
     bpe: int | None = None  # `tokenizer train --vocab`
     pitch_features: bool = False  # `train --pitch-features`
-    merged_notes: str = "first"  # `train --merged-notes`
+    merged_notes: str = "sum"  # `train --merged-notes`
     ours: bool = True  # a midigen encoding (the goal compares the best of these with REMI + BPE)
 
     @property
@@ -57,7 +57,9 @@ class Encoding:
 
     @property
     def run_name(self) -> str:
-        return f"{self.store_name}-pc-{self.merged_notes}" if self.pitch_features else self.store_name
+        if not self.pitch_features:
+            return self.store_name
+        return f"{self.store_name}-pc-{self.merged_notes}" if self.bpe else f"{self.store_name}-pc"
 
 
 ENCODINGS = (
@@ -73,9 +75,9 @@ PITCH_STUDY = (
     Encoding("seed", "seed"),
     Encoding("seed + pitch class/octave", "seed", pitch_features=True),
     Encoding("seed + BPE 1,000", "seed", bpe=1000),
-    Encoding("seed + BPE 1,000 + pitch class/octave of the first note", "seed", bpe=1000, pitch_features=True),
-    Encoding("seed + BPE 1,000 + pitch class/octave summed over the notes", "seed", bpe=1000, pitch_features=True,
-             merged_notes="sum"),
+    Encoding("seed + BPE 1,000 + pitch class/octave of the first note", "seed", bpe=1000, pitch_features=True,
+             merged_notes="first"),
+    Encoding("seed + BPE 1,000 + pitch class/octave summed over the notes", "seed", bpe=1000, pitch_features=True),
 )
 REMI_BPE = "MidiTok REMI + BPE 4,000"
 SEED_BPE = "seed + BPE 4,000"
@@ -231,7 +233,20 @@ def pitch_report(corpus: str, by_encoding: dict[str, dict[str, object]], minutes
         nll = [x["nll_per_note"] for x in r["minutes"]]
         lines.append(f"| {name} | {r['tokens_per_note']:.2f} | {spread(nll)} | " + " / ".join(f"{x:.3f}" for x in nll)
                      + f" | {statistics.mean(x['steps'] for x in r['minutes']):.0f} |")
-    return "\n".join(lines)
+    names = [encoding.name for encoding in PITCH_STUDY]
+    verdicts = [comparison(by_encoding, names[a], names[b]) for a, b in ((1, 0), (3, 2), (4, 2), (4, 3))
+                if names[a] in by_encoding and names[b] in by_encoding]
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+
+
+def comparison(by_encoding: dict[str, dict[str, object]], name: str, against: str) -> str:
+    """How much lower `name`'s mean NLL per note is than `against`'s, and whether the gap exceeds both spreads."""
+    runs = {key: [x["nll_per_note"] for x in by_encoding[key]["minutes"]] for key in (name, against)}
+    gap = statistics.mean(runs[against]) - statistics.mean(runs[name])
+    spreads = [statistics.stdev(values) if len(values) > 1 else float("nan") for values in runs.values()]
+    verdict = ("beyond the seeds' spread" if all(abs(gap) > s for s in spreads) else "within the seeds' spread"
+               if len(runs[name]) > 1 else "one seed: spread unknown")
+    return f"- {name} against {against}: {abs(gap):.3f} nats per note {'lower' if gap > 0 else 'higher'} ({verdict})."
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import signal
 
 import torch
 
-from midigen.data.batching import SongLanes
+from midigen.data.batching import SongLanes, StaggeredLanes
 from midigen.data.store import TokenStore
 from midigen.model import ModelConfig
 from midigen.training.config import TrainConfig
@@ -24,18 +24,20 @@ store, run, out = sys.argv[1:4]
 settings = dict(argument.split("=", 1) for argument in sys.argv[4:])
 memory, resume = settings.pop("memory", "none"), settings.pop("resume", "0") == "1"
 interrupt_at, drawn = int(settings.pop("interrupt_at", "0")), 0
-next_lanes = SongLanes.__next__
 
 
-def next_then_interrupt(self: SongLanes):  # noqa: ANN201
-    global drawn
-    drawn += 1
-    if drawn == interrupt_at:
-        os.kill(os.getpid(), signal.SIGINT)
-    return next_lanes(self)
+def interrupting(next_lanes):  # noqa: ANN001, ANN201
+    def next_then_interrupt(self: SongLanes):  # noqa: ANN201
+        global drawn
+        drawn += 1
+        if drawn == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return next_lanes(self)
+    return next_then_interrupt
 
 
-SongLanes.__next__ = next_then_interrupt
+for lanes in (SongLanes, StaggeredLanes):  # contiguous lanes, and the staggered ones memory trains with by default
+    lanes.__next__ = interrupting(lanes.__next__)
 # the tokenizer the store was encoded with; a short context, so that songs span several segments
 model_config = ModelConfig.preset("tiny", TokenStore(store).config, memory=memory, context=16)
 defaults = dict(max_steps=6, batch_size=2, eval_interval=3, log_interval=3, warmup_steps=2)

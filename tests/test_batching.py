@@ -11,11 +11,11 @@ import torch
 from conftest import SINGLE_STREAM
 from test_training import config, interrupt_at_batch, weights
 
-from midigen.data.batching import StaggeredLanes, TokenArrays, model_inputs
+from midigen.data.batching import RandomChunks, StaggeredLanes, TokenArrays, model_inputs
 from midigen.data.store import TokenStore
 from midigen.model import ModelConfig, MusicTransformer
 from midigen.model.memory import MemoryState
-from midigen.training.recipe import train
+from midigen.training.recipe import make_sampler, train
 
 CONTEXT = 16
 LANES = 5
@@ -90,6 +90,17 @@ def test_memory_is_cleared_where_a_lane_takes_a_new_song(prompt_store: Path) -> 
                     assert not same
                     checked["same song"] += 1
     assert checked["new song"] >= 5 and checked["same song"] >= 50
+
+
+@pytest.mark.parametrize("memory, expected", [("none", RandomChunks), ("xl", StaggeredLanes),
+                                              ("knn", StaggeredLanes)])
+def test_auto_batching_takes_staggered_lanes_for_memory(prompt_store: Path, memory: str, expected: type) -> None:
+    store = TokenStore(prompt_store)
+    model = ModelConfig.preset("tiny", SINGLE_STREAM, memory=memory, context=CONTEXT)
+    training = config(batching="auto")
+    assert training.batching == "auto"
+    sampler = make_sampler(TokenArrays(store, "cpu"), store.split_indices("train"), model, training, 0)
+    assert type(sampler) is expected
 
 
 def test_the_same_seed_gives_the_same_batches(prompt_store: Path) -> None:

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batching", choices=BATCHING_MODES,
                         help="random chunks, or songs in order per lane: staggered lanes never idle and start "
                              "out of step, which learns faster than contiguous (default auto: random without "
-                             "memory, contiguous with it)")
+                             "memory, staggered with it)")
     parser.add_argument("--data-location", choices=DATA_LOCATIONS,
                         help="token store on the gpu, in cpu memory or memmap from disk; kNN memory on the gpu or in "
                              "cpu memory (default auto: the fastest place each fits)")
@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pitch-features", action="store_true",
                         help="also embed each note's pitch class and octave, which the model derives from its token")
     parser.add_argument("--merged-notes", choices=MERGED_NOTES,
-                        help="with --pitch-features on a store with merges: a merged token takes its first note's "
-                             "pitch class and octave, or the sum over all its notes (default first)")
+                        help="with --pitch-features on a store with merges: a merged token takes the sum of the pitch "
+                             "class and octave embeddings of all its notes, or its first note's (default sum)")
     parser.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

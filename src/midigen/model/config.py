@@ -32,8 +32,8 @@ class ModelConfig(JsonConfig):
     derived_embeddings: features the model derives from each token's id alone, through the tokenizer's
         `token_lookups` (`pitch_classes`, `octaves` of note tokens), embedded like `embeddings` but never stored nor
         passed: everything that reads `embeddings` as the features carried per position stays unchanged.
-    merged_notes: how a merged (BPE) token holding several notes takes their derived features: "first" (its
-        first note's values) or "sum" (the sum of every note's embeddings).
+    merged_notes: how a merged (BPE) token holding several notes takes their derived features: "sum" (the sum
+        of every note's embeddings) or "first" (its first note's values).
     context: tokens per segment (training window, and the generation window without memory).
     rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
         buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
@@ -47,7 +47,7 @@ class ModelConfig(JsonConfig):
     vocab_size: int = 388
     embeddings: dict[str, int] = field(default_factory=lambda: {"bars": 32, "beats": 64})
     derived_embeddings: dict[str, int] = field(default_factory=dict)
-    merged_notes: str = "first"
+    merged_notes: str = "sum"
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8

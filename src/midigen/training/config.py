@@ -33,7 +33,8 @@ class TrainConfig(JsonConfig):
     eval_tokens: size of the fixed validation set: the first validation songs holding this many tokens.
     batching: "random" chunks, one "song" per lane, or "contiguous" songs per lane, or "staggered":
         contiguous lanes that never wait for one another and start out of step (`StaggeredLanes`); "auto"
-        picks random without memory and contiguous with it.
+        picks random without memory and staggered with it (where contiguous lanes would wait with padding for
+        the longest song).
     data_location: where the token store lives ("gpu", "cpu" memory or "memmap" from disk) and the kNN
         memory's stores (the GPU with "gpu", CPU memory otherwise); "auto" picks, for each, the fastest
         place it fits in.

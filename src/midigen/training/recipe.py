@@ -92,9 +92,9 @@ def validation_loss(data: TokenArrays, songs: list[int], lanes: int, ranks: Dist
 def make_sampler(data: TokenArrays, songs: list[int], model_config: ModelConfig, config: TrainConfig, shard: int):  # noqa: ANN201
     mode = config.batching
     if mode == "auto":
-        mode = "random" if model_config.memory == "none" else "contiguous"
+        mode = "random" if model_config.memory == "none" else "staggered"
     if mode == "random" and model_config.memory != "none":
-        log.warning("memory %s with random chunks: memory is cleared every batch; use contiguous batching",
+        log.warning("memory %s with random chunks: memory is cleared every batch; use staggered batching",
                     model_config.memory)
     seed = config.seed * 7919 + shard
     if mode == "random":
