@@ -25,6 +25,7 @@ import json
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np

@@ -127,15 +127,10 @@ def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
     return rows, length
 
 
-def path_key(path: str) -> int:
-    """A path's 64-bit key, as a writer keeps the paths done in memory."""
-    return int.from_bytes(hashlib.blake2b(path.encode(errors="surrogateescape"), digest_size=8).digest(), "big")
-
-
-def content_key(content_hash: str) -> int:
-    """A song's content hash (hex) cut to its first 64 bits, as a writer keeps them in memory: two different songs
-    share a key with a chance of about 1e-9 in a collection of 176k files."""
-    return int(content_hash[:16], 16)
+def key_of(text: str) -> int:
+    """A path's or content hash's 64-bit key, as a writer keeps them in memory: two different ones share a key with
+    a chance of about 1e-9 in a collection of 176k files."""
+    return int.from_bytes(hashlib.blake2b(text.encode(errors="surrogateescape"), digest_size=8).digest(), "big")
 
 
 class KeyIndex:
@@ -351,11 +346,11 @@ class StoreWriter:
         for song, start, songs_length in _song_rows(self.root):
             self.num_tokens = song.start + song.length
             self.split_counts[song.split] += 1
-            contents.append(content_key(song.hash))
-            done.append(path_key(song.path))
+            contents.append(key_of(song.hash))
+            done.append(key_of(song.path))
             self.row_offsets.append(start)
         skipped, skipped_length = _read_journal(self.root / SKIPPED_FILE, SkippedFile)
-        done.extend(path_key(skip.path) for skip in skipped)
+        done.extend(key_of(skip.path) for skip in skipped)
         self.done_keys = np.unique(np.frombuffer(done, dtype=np.uint64))  # (N,) sorted
         self.contents = KeyIndex(contents, range(len(contents)))  # content key → song index
         self.skipped: list[SkippedFile] = skipped
@@ -371,13 +366,13 @@ class StoreWriter:
 
     def done_before(self, path: str) -> bool:
         """Whether `path` was encoded or skipped before this writer opened the store."""
-        key = np.uint64(path_key(path))
+        key = np.uint64(key_of(path))
         at = int(np.searchsorted(self.done_keys, key))
         return at < len(self.done_keys) and bool(self.done_keys[at] == key)
 
     def original_of(self, content_hash: str) -> str | None:
         """The path of the song of the store with this content, if there is one."""
-        index = self.contents.get(content_key(content_hash))
+        index = self.contents.get(key_of(content_hash))
         if index is None:
             return None
         offset, pending = self.row_offsets[index], index - (len(self.row_offsets) - len(self.pending_rows))
@@ -429,7 +424,7 @@ class StoreWriter:
         entry = SongEntry(path, song.content_hash, self.num_tokens, song.length, song.notes, split, song.tempos,
                           song.time_signatures, song.instruments)
         row = (json.dumps(entry.row()) + "\n").encode()
-        self.contents.add(content_key(song.content_hash), len(self.row_offsets))
+        self.contents.add(key_of(song.content_hash), len(self.row_offsets))
         self.row_offsets.append(self.rows_end)
         self.rows_end += len(row)
         self.pending_rows.append(row)
