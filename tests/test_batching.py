@@ -147,7 +147,11 @@ def test_pitch_ranges_read_in_blocks_equal_each_songs_own(prompt_store: Path, bl
     store = TokenStore(prompt_store)
     data = TokenArrays(store, "memmap")
     lowest, highest = data.pitch_ranges()
+    some = [1, 4, 5, 11]  # songs between them are not read: each range is its song's own
+    some_lowest, some_highest = data.pitch_ranges(some)
     for song in range(len(store)):
         pitch = data.transposable[store.song(song).tokens.astype(np.int64)]
         pitch = pitch[pitch >= 0]
         assert pitch.size and (lowest[song], highest[song]) == (pitch.min(), pitch.max()), song
+        expected = (pitch.min(), pitch.max()) if song in some else (128, -1)
+        assert (some_lowest[song], some_highest[song]) == expected, song

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ def model_inputs(batch: Batch, features: Iterable[str]) -> tuple[Tensor, dict[st
     return tokens[:, :-1], {name: batch[name][:, :-1] for name in features}, tokens[:, 1:]
 
 
-PITCH_SCAN_TOKENS = 1 << 22  # tokens per block when scanning songs' pitch ranges (int64: 32 MiB)
+PITCH_SCAN_TOKENS = 1 << 20  # tokens per block when scanning songs' pitch ranges (int64: 8 MiB)
 
 
 def batch_fields(store: TokenStore) -> list[str]:
@@ -87,20 +87,24 @@ class TokenArrays:
             batch[name] = rows * torch.as_tensor(inside, device=rows.device)
         return batch
 
-    def pitch_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lowest and highest pitch of the transposable tokens of every song (128 / −1 where a song has none),
-        read a block of songs at a time, so a memory-mapped store is never loaded whole."""
+    def pitch_ranges(self, songs: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest pitch of the transposable tokens of each of `songs` (default: all), by song index
+        (128 / −1 for a song without any, or not asked for), read a block of songs at a time, so a memory-mapped
+        store is never loaded whole."""
         tokens = self.store.arrays["tokens"]
         lowest = np.full(len(self.starts), NUM_PITCHES)
         highest = np.full(len(self.starts), -1)
-        nonempty = np.flatnonzero(self.lengths > 0)
-        blocks = self.starts[nonempty] // PITCH_SCAN_TOKENS  # songs starting in one window are read together
-        for songs in np.split(nonempty, np.flatnonzero(np.diff(blocks)) + 1) if nonempty.size else []:
-            begin, end = self.starts[songs[0]], self.starts[songs[-1]] + self.lengths[songs[-1]]
-            pitch = self.transposable[np.asarray(tokens[begin:end], dtype=np.int64)]
-            is_note = pitch >= 0
-            lowest[songs] = np.minimum.reduceat(np.where(is_note, pitch, NUM_PITCHES), self.starts[songs] - begin)
-            highest[songs] = np.maximum.reduceat(np.where(is_note, pitch, -1), self.starts[songs] - begin)
+        chosen = np.arange(len(self.starts)) if songs is None else np.unique(np.asarray(songs, dtype=np.int64))
+        chosen = chosen[self.lengths[chosen] > 0]
+        blocks = self.starts[chosen] // PITCH_SCAN_TOKENS  # songs starting in one window are read together
+        for block in np.split(chosen, np.flatnonzero(np.diff(blocks)) + 1) if chosen.size else []:
+            begin, end = self.starts[block[0]], self.starts[block[-1]] + self.lengths[block[-1]]
+            pitch = self.transposable[np.asarray(tokens[begin:end], dtype=np.int64)]  # (end − begin,)
+            # each song's own span (songs not asked for may lie between): reduce [start, end) pairs, keep the first
+            bounds = np.stack([self.starts[block], self.starts[block] + self.lengths[block]], axis=1).ravel() - begin
+            for values, reduce, out, none in ((np.where(pitch >= 0, pitch, NUM_PITCHES), np.minimum, lowest,
+                                               NUM_PITCHES), (pitch, np.maximum, highest, -1)):
+                out[block] = reduce.reduceat(np.append(values, none), bounds)[::2]
         return lowest, highest
 
 
@@ -195,7 +199,8 @@ class SongLanes:
         self.data, self.songs, self.context, self.lanes, self.mode = data, list(songs), context, lanes, mode
         self.max_transpose, self.shuffle, self.endless = max_transpose, shuffle, endless
         self.rng = np.random.default_rng(seed)
-        self.lowest, self.highest = data.pitch_ranges()
+        # without transposition every song takes the shift 0 whatever its range: no need to read the songs
+        self.lowest, self.highest = data.pitch_ranges(self.songs if max_transpose else [])
         self.epoch = 0
         self.queue: list[int] = []
         self.lane_song = np.full(lanes, -1, dtype=np.int64)
