@@ -9,10 +9,9 @@ validation loss and the songs of each of its micro-steps.
 import sys
 from pathlib import Path
 
-import os
-import signal
-
+import pytest
 import torch
+from test_training import interrupt_at_batch
 
 from midigen.data.batching import SongLanes, StaggeredLanes
 from midigen.data.store import TokenStore
@@ -23,21 +22,10 @@ from midigen.training.recipe import train
 store, run, out = sys.argv[1:4]
 settings = dict(argument.split("=", 1) for argument in sys.argv[4:])
 memory, resume = settings.pop("memory", "none"), settings.pop("resume", "0") == "1"
-interrupt_at, drawn = int(settings.pop("interrupt_at", "0")), 0
-
-
-def interrupting(next_lanes):  # noqa: ANN001, ANN201
-    def next_then_interrupt(self: SongLanes):  # noqa: ANN201
-        global drawn
-        drawn += 1
-        if drawn == interrupt_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return next_lanes(self)
-    return next_then_interrupt
-
-
-for lanes in (SongLanes, StaggeredLanes):  # contiguous lanes, and the staggered ones memory trains with by default
-    lanes.__next__ = interrupting(lanes.__next__)
+interrupt_at = int(settings.pop("interrupt_at", "0"))
+if interrupt_at:  # contiguous lanes, and the staggered ones memory trains with by default (a run draws from one)
+    for lanes in (SongLanes, StaggeredLanes):
+        interrupt_at_batch(pytest.MonkeyPatch(), lanes, interrupt_at)
 # the tokenizer the store was encoded with; a short context, so that songs span several segments
 model_config = ModelConfig.preset("tiny", TokenStore(store).config, memory=memory, context=16)
 defaults = dict(max_steps=6, batch_size=2, eval_interval=3, log_interval=3, warmup_steps=2)

@@ -95,7 +95,6 @@ class SparseScore:
 SINGLE_STREAM_DTYPES: dict[str, type[np.generic]] = {"tokens": np.uint16, "steps": np.uint32, "bars": np.uint32,
                                                      "beats": np.uint16}
 MULTITRACK_DTYPES: dict[str, type[np.generic]] = SINGLE_STREAM_DTYPES | {"instruments": np.uint8}
-
 INSTRUMENT_FEATURES = 130  # the `instruments` feature: 0 none, 1 + program, 129 drums
 
 

@@ -127,6 +127,13 @@ def _read_journal(path: Path, row_type: type) -> tuple[list[Any], int]:
     return rows, length
 
 
+def _row_at(path: Path, offset: int) -> dict[str, Any]:
+    """The JSON row of a journal that starts at byte `offset`."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return json.loads(handle.readline())
+
+
 def key_of(text: str) -> int:
     """A path's or content hash's 64-bit key, as a writer keeps them in memory: two different ones share a key with
     a chance of about 1e-9 in a collection of 176k files."""
@@ -197,10 +204,8 @@ class SongIndex(Sequence[SongEntry]):
         return len(self.starts)
 
     def __getitem__(self, index: int) -> SongEntry:  # type: ignore[override]
-        offset = int(self.offsets[index])  # numpy indexing: a negative index counts from the end, a bad one raises
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            return SongEntry(**json.loads(handle.readline()))
+        # numpy indexing: a negative index counts from the end, a bad one raises
+        return SongEntry(**_row_at(self.path, int(self.offsets[index])))
 
     def __iter__(self) -> Iterator[SongEntry]:
         for number, (song, _, _) in enumerate(_song_rows(self.path.parent)):
@@ -375,14 +380,10 @@ class StoreWriter:
         index = self.contents.get(key_of(content_hash))
         if index is None:
             return None
-        offset, pending = self.row_offsets[index], index - (len(self.row_offsets) - len(self.pending_rows))
+        pending = index - (len(self.row_offsets) - len(self.pending_rows))
         if pending >= 0:
-            row = self.pending_rows[pending]
-        else:
-            with open(self.root / SONGS_FILE, "rb") as handle:
-                handle.seek(offset)
-                row = handle.readline()
-        return json.loads(row)["path"]
+            return json.loads(self.pending_rows[pending])["path"]
+        return _row_at(self.root / SONGS_FILE, self.row_offsets[index])["path"]
 
     def _lock(self) -> IO[bytes]:
         handle = open(self.root / LOCK_FILE, "ab")
