@@ -14,7 +14,9 @@ Goals judged in code: seed + BPE 4,000 at least 2.5x fewer tokens per note than 
 least 10% lower NLL per note than MidiTok REMI + BPE after equal CPU minutes.
 
 `--pitch-study` instead compares the seed codec and seed + BPE 1,000 with and without pitch-class/octave features,
-a merged token taking its first note's values or the sum over its notes (equal CPU minutes, NLL per note).
+a merged token taking its first note's values or the sum over its notes (equal CPU minutes, NLL per note);
+`--factorised-study` the same encodings with pitch features, with and without the factorised output (a note
+predicted as its pitch class, then its octave).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Encoding:
     bpe: int | None = None  # `tokenizer train --vocab`
     pitch_features: bool = False  # `train --pitch-features`
     merged_notes: str = "sum"  # `train --merged-notes`
+    factorised: bool = False  # `train --factorised-output`
     ours: bool = True  # a midigen encoding (the goal compares the best of these with REMI + BPE)
 
     @property
@@ -57,14 +60,22 @@ class Encoding:
 
     @property
     def run_name(self) -> str:
-        if not self.pitch_features:
-            return self.store_name
-        return f"{self.store_name}-pc-{self.merged_notes}" if self.bpe else f"{self.store_name}-pc"
+        name = self.store_name
+        if self.pitch_features:
+            name += f"-pc-{self.merged_notes}" if self.bpe else "-pc"
+        return name + "-factorised" if self.factorised else name
+
+    @property
+    def train_options(self) -> list[str]:
+        options = ["--pitch-features", "--merged-notes", self.merged_notes] if self.pitch_features else []
+        return options + ["--factorised-output"] if self.factorised else options
 
 
+SEED_PC = Encoding("seed + pitch class/octave", "seed", pitch_features=True)
+BPE_PC = Encoding("seed + BPE 1,000 + pitch class/octave summed over the notes", "seed", bpe=1000, pitch_features=True)
 ENCODINGS = (
     Encoding("seed", "seed"),
-    Encoding("seed + pitch class/octave", "seed", pitch_features=True),
+    SEED_PC,
     *(Encoding(f"seed + BPE {size:,}", "seed", bpe=size) for size in BPE_SIZES),
     Encoding("MidiTok REMI", "remi", ours=False),
     Encoding("MidiTok REMI + BPE 4,000", "remi", bpe=4000, ours=False),
@@ -73,12 +84,41 @@ ENCODINGS = (
 # pitch-class/octave features with and without merges, and which values a merged token takes
 PITCH_STUDY = (
     Encoding("seed", "seed"),
-    Encoding("seed + pitch class/octave", "seed", pitch_features=True),
+    SEED_PC,
     Encoding("seed + BPE 1,000", "seed", bpe=1000),
     Encoding("seed + BPE 1,000 + pitch class/octave of the first note", "seed", bpe=1000, pitch_features=True,
              merged_notes="first"),
-    Encoding("seed + BPE 1,000 + pitch class/octave summed over the notes", "seed", bpe=1000, pitch_features=True),
+    BPE_PC,
 )
+# the factorised output, against each encoding's best so far (with pitch features)
+FACTORISED_STUDY = (
+    SEED_PC,
+    Encoding("seed + pitch class/octave + factorised output", "seed", pitch_features=True, factorised=True),
+    BPE_PC,
+    Encoding("seed + BPE 1,000 + pitch class/octave + factorised output", "seed", bpe=1000, pitch_features=True,
+             factorised=True),
+)
+
+
+@dataclass(frozen=True)
+class Study:
+    """Encodings compared after equal CPU minutes only, with several seeds, and which pairs the verdicts compare."""
+
+    title: str
+    encodings: tuple[Encoding, ...]
+    comparisons: tuple[tuple[int, int], ...]  # (a, b): encoding a's NLL per note against encoding b's
+    explanation: str
+
+
+STUDIES = {
+    "pitch": Study("Pitch-class and octave features, with and without merges", PITCH_STUDY,
+                   ((1, 0), (3, 2), (4, 2), (4, 3)),
+                   "A merged token holding several notes takes the pitch class and octave of its first note, or the "
+                   "sum of the embeddings of all its notes' (`train --merged-notes`)."),
+    "factorised": Study("Factorised output: pitch class, then octave", FACTORISED_STUDY, ((1, 0), (3, 2)),
+                        "With the factorised output (`train --factorised-output`) a note token is predicted as "
+                        "note, then its pitch class, then its octave; merged tokens keep one output each."),
+}
 REMI_BPE = "MidiTok REMI + BPE 4,000"
 SEED_BPE = "seed + BPE 4,000"
 
@@ -123,9 +163,8 @@ def train_and_score(encoding: Encoding, store: Path, run_dir: Path, budget: list
     out = run_dir / "eval.json"
     if not out.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        options = ["--pitch-features", "--merged-notes", encoding.merged_notes] if encoding.pitch_features else []
         run("train", store, "-o", run_dir, "--preset", "small", "--seed", seed, "--device", "cpu", "--batching",
-            "random", *budget, *options, "--quiet")
+            "random", *budget, *encoding.train_options, "--quiet")
         run("eval", run_dir, "--data", store, "--device", "cpu", "--json", out)
     scores = json.loads(out.read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -223,18 +262,18 @@ def report(corpus: str, by_encoding: dict[str, dict[str, object]], minutes: floa
         f"**{'met' if gain >= 0.10 else 'NOT met'}**."])
 
 
-def pitch_report(corpus: str, by_encoding: dict[str, dict[str, object]], minutes: float, seeds: int) -> str:
+def study_report(study: Study, corpus: str, by_encoding: dict[str, dict[str, object]], minutes: float,
+                 seeds: int) -> str:
     lines = [f"The {corpus}: `small` preset, random chunks, {minutes:g} CPU minutes of training per run, seeds "
              f"0..{seeds - 1}: validation NLL per note (nats), mean ± standard deviation over the seeds, then seed by "
-             "seed. A merged token holding several notes takes the pitch class and octave of its first note, or the "
-             "sum of the embeddings of all its notes' (`train --merged-notes`).", "",
+             f"seed. {study.explanation}", "",
              "| encoding | tokens/note | NLL/note | seed by seed | steps in the minutes |", "|---|---|---|---|---|"]
     for name, r in by_encoding.items():
         nll = [x["nll_per_note"] for x in r["minutes"]]
         lines.append(f"| {name} | {r['tokens_per_note']:.2f} | {spread(nll)} | " + " / ".join(f"{x:.3f}" for x in nll)
                      + f" | {statistics.mean(x['steps'] for x in r['minutes']):.0f} |")
-    names = [encoding.name for encoding in PITCH_STUDY]
-    verdicts = [comparison(by_encoding, names[a], names[b]) for a, b in ((1, 0), (3, 2), (4, 2), (4, 3))
+    names = [encoding.name for encoding in study.encodings]
+    verdicts = [comparison(by_encoding, names[a], names[b]) for a, b in study.comparisons
                 if names[a] in by_encoding and names[b] in by_encoding]
     return "\n".join(lines + ([""] + verdicts if verdicts else []))
 
@@ -256,15 +295,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--corpus", choices=sorted(CORPORA), action="append", help="default: both")
     parser.add_argument("--quick", action="store_true", help="check that the bench runs (tiny budgets, one seed)")
-    parser.add_argument("--pitch-study", action="store_true",
-                        help="instead: pitch-class/octave features with and without merges, first note or sum "
-                             "(equal minutes only)")
+    studies = parser.add_mutually_exclusive_group()
+    studies.add_argument("--pitch-study", action="store_const", dest="study", const="pitch",
+                         help="instead: pitch-class/octave features with and without merges, first note or sum "
+                              "(equal minutes only)")
+    studies.add_argument("--factorised-study", action="store_const", dest="study", const="factorised",
+                         help="instead: the factorised output against one output per token, with pitch features "
+                              "(equal minutes only)")
     parser.add_argument("--encoding", action="append", metavar="NAME",
-                        help="with --pitch-study: only this encoding of the study (repeatable; default: all)")
+                        help="with a study: only this encoding of it (repeatable; default: all)")
     args = parser.parse_args()
-    chosen = PITCH_STUDY if args.pitch_study else ENCODINGS
-    if args.encoding and not args.pitch_study:
-        parser.error("--encoding selects encodings of --pitch-study (the table's goals need all of its encodings)")
+    study = STUDIES.get(args.study)
+    chosen = study.encodings if study else ENCODINGS
+    if args.encoding and not study:
+        parser.error("--encoding selects encodings of a study (the table's goals need all of its encodings)")
     if args.encoding:
         unknown = sorted(set(args.encoding) - {encoding.name for encoding in chosen})
         if unknown:
@@ -274,11 +318,11 @@ def main() -> None:
     corpora = args.corpus or list(CORPORA)
     folder = CACHE / ("tokenizers-quick" if args.quick else "tokenizers")  # stores and runs, reused when rerun
     for corpus in corpora:  # a section per corpus, so that `--corpus` refreshes one and keeps the other
-        if args.pitch_study:
+        if study:
             results = {encoding.name: measure(corpus, encoding, {"minutes": minutes}, seeds, folder, generation=False)
                        for encoding in chosen}
-            write_section(f"Pitch-class and octave features, with and without merges ({corpus})",
-                          pitch_report(corpus, results, minutes, seeds), quick=args.quick)
+            write_section(f"{study.title} ({corpus})", study_report(study, corpus, results, minutes, seeds),
+                          quick=args.quick)
         else:
             results = {encoding.name: measure(corpus, encoding, {"minutes": minutes, "steps": steps}, seeds, folder)
                        for encoding in chosen}

@@ -238,7 +238,7 @@ def test_generate_batch_with_an_untrained_model_writes_grammatical_bpe_sequences
     tokenizer = bpe_tokenizer(stores, "multitrack")
     config = ModelConfig.preset("tiny", tokenizer.config)
     torch.manual_seed(0)
-    model = MusicTransformer(config, config.derived_weights(tokenizer))
+    model = MusicTransformer.for_tokenizer(config, tokenizer)
     loaded = LoadedModel(model, tokenizer.config, config, Path("."), 0)
     prompts = [empty_prompt(tokenizer), load_prompt(MULTITRACK[0], 2, tokenizer)]
     generations = generate_batch(loaded, prompts, SamplingConfig(seed=1), new_tokens=40, num_samples=2)
@@ -285,6 +285,10 @@ def test_merged_tokens_count_the_pitch_classes_and_octaves_of_every_note_they_ho
             assert (rows >= 1).all()
     holds_several = counts["pitch_classes"][:, 1:].sum(axis=1) > 1
     assert (holds_several & merged).any() and not (holds_several & ~merged).any()
+    base = tokenizer.base.token_lookups()
+    for feature, lookup in first.items():  # the value of each token's first base token that has one
+        runs = (tokenizer.flat[tokenizer.starts[token] : tokenizer.starts[token + 1]] for token in range(len(lookup)))
+        assert lookup.tolist() == [next((base[feature][b] for b in run if base[feature][b]), 0) for run in runs]
 
 
 def test_a_model_summing_merged_notes_trains_saves_and_loads_with_its_weights(stores: dict[str, Path],

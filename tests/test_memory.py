@@ -70,7 +70,7 @@ def test_xl_segments_equal_one_forward_with_the_banded_mask() -> None:
         k = torch.arange(2 * T).view(1, -1)
         banded = (k <= q) & (k >= (q // T - 1).clamp(min=0) * T)  # own segment, plus the previous one
         x, _ = model.blocks[0](x, buckets, banded.view(1, 1, 2 * T, 2 * T), None, None)
-        full = model.head(model.ln_f(x))
+        full = model.output(model.ln_f(x))
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=1e-5, rtol=0)
 
 

@@ -122,6 +122,39 @@ def test_merges_on_a_miditok_kind_round_trip_exactly_as_the_kind(merged: BpeToke
     assert merged_tokens < 0.7 * base_tokens
 
 
+@pytest.mark.parametrize("kind", MERGED_KINDS)
+def test_merges_are_those_miditok_s_own_train_learns(kind: str, tmp_path: Path) -> None:
+    """`tokenizer train` on a MidiTok kind learns what MidiTok's `train` learns from the same songs (each whole,
+    `encode_ids_split` "no"): both are Hugging Face's BPE over one character per base token."""
+    import json
+
+    import miditok
+    from miditok.constants import CHR_ID_START
+
+    from midigen.codec.bpe import TEXT_BASE
+    from midigen.codec.miditok_kinds import MIDITOK_CLASSES, miditok_config
+    from midigen.data.bpe import learn_merges, training_words
+    from midigen.data.encode import encode_files
+
+    config = TokenizerConfig(kind=kind)
+    encode_files([DATA / "prompts", DATA / "multitrack"], tmp_path / "store", config, workers=1, progress=False)
+    store = TokenStore(tmp_path / "store")
+    base_size = store.tokenizer.vocab.size
+    ours, _ = learn_merges(store, base_size + 150)
+    theirs_tokenizer = getattr(miditok, MIDITOK_CLASSES[kind])(miditok_config(config))  # not the shared one
+    theirs_tokenizer.config.encode_ids_split = "no"
+    words = ["".join(chr(ord(c) - TEXT_BASE + CHR_ID_START) for c in word) for word in training_words(store)]
+    theirs_tokenizer.train(base_size + 150, iterator=words)
+    ids = {chr(token + CHR_ID_START): token for token in range(base_size)}
+    theirs = []
+    for merge in json.loads(theirs_tokenizer._model.to_str())["model"]["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        if left + right not in ids:
+            ids[left + right] = base_size + len(theirs)
+            theirs.append((ids[left], ids[right]))
+    assert len(ours) == 150 and list(ours) == theirs
+
+
 def test_midilike_takes_no_merges(tmp_path: Path) -> None:
     from midigen.data.bpe import learn_merges
     from midigen.data.encode import encode_files
@@ -224,7 +257,7 @@ def test_an_untrained_model_generates_what_the_grammar_allows_and_it_decodes(any
     tokenizer = any_tokenizer
     torch.manual_seed(0)
     config = ModelConfig.preset("tiny", tokenizer.config, derived_features=True)
-    model = MusicTransformer(config, config.derived_weights(tokenizer)).eval()
+    model = MusicTransformer.for_tokenizer(config, tokenizer).eval()
     loaded = LoadedModel(model, tokenizer.config, config, tmp_path, 0)
     prompts = [empty_prompt(tokenizer), load_prompt(BAND, 2, tokenizer)]
     events: list[TokenEvent] = []

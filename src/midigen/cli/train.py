@@ -68,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--merged-notes", choices=MERGED_NOTES,
                         help="with --pitch-features on a store with merges: a merged token takes the sum of the pitch "
                              "class and octave embeddings of all its notes, or its first note's (default sum)")
+    parser.add_argument("--factorised-output", action="store_true",
+                        help="predict a note as its pitch class, then its octave, instead of as one of 128 pitches")
     parser.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     given = {option: getattr(args, option) for option in (*TRAIN_OPTIONS, *MODEL_OPTIONS)
              if getattr(args, option) is not None} | ({"compile": True} if args.compile else {}) | (
                  {"pitch_features": True} if args.pitch_features else {}) | (
-                 {"merged_notes": args.merged_notes} if args.merged_notes else {})
+                 {"merged_notes": args.merged_notes} if args.merged_notes else {}) | (
+                 {"factorised_output": True} if args.factorised_output else {})
     budget = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
     if args.resume:
         if given:
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             budget["max_steps"] = DEFAULT_MAX_STEPS
         train_config = TrainConfig(**{TRAIN_OPTIONS[option]: value for option, value in given.items()
                                       if option in TRAIN_OPTIONS}, compile=args.compile, **budget)
-        overrides = {name: given[name] for name in ("memory", "context", "merged_notes") if name in given}
+        overrides = {name: given[name] for name in ("memory", "context", "merged_notes", "factorised_output")
+                     if name in given}
         model_config = ModelConfig.preset(args.preset or "small", store.config, derived_features=args.pitch_features,
                                           **overrides)
     result, trainer = train(args.store, args.output, model_config, train_config, resume=args.resume,

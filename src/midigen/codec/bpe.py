@@ -88,6 +88,7 @@ class BpeTokenizer:
         self.lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)  # (V,)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])  # (V + 1,) where each token's base run begins
         self.flat = np.concatenate([np.array(sequence, dtype=np.int64) for sequence in sequences])  # (sum lengths,)
+        self.owners = np.repeat(np.arange(self.vocab.size), self.lengths)  # (sum lengths,) the token of each base token
         model = models.BPE(vocab={text: token for token, text in enumerate(texts)},
                            merges=[(texts[left], texts[right]) for left, right in config.merges],
                            cache_capacity=0)  # a whole song is one word: caching songs would only hold memory
@@ -124,28 +125,32 @@ class BpeTokenizer:
         a song in different keys, so transposition moves nothing."""
         return np.full(self.vocab.size, -1, dtype=np.int64)
 
+    def token_pitches(self) -> np.ndarray:
+        """The base note tokens' pitches; −1 for every merged token."""
+        pitches = np.full(self.vocab.size, -1, dtype=np.int64)
+        pitches[: self.base.vocab.size] = self.base.token_pitches()
+        return pitches
+
     def token_lookups(self) -> dict[str, np.ndarray]:
         """The base tokenizer's lookups; a merged token takes the value of its first base token that has one (its
         first note)."""
         lookups = {}
         for name, values in self.base.token_lookups().items():
             flat = np.asarray(values, dtype=np.int64)[self.flat]  # (sum lengths,)
-            first = np.zeros(self.vocab.size, dtype=np.int64)
-            for token in range(self.vocab.size):
-                run = flat[self.starts[token] : self.starts[token + 1]]
-                found = np.flatnonzero(run)
-                first[token] = run[found[0]] if found.size else 0
-            lookups[name] = first
+            valued = np.flatnonzero(flat)  # in order, so each token's first is its first note's
+            tokens, first = np.unique(self.owners[valued], return_index=True)
+            lookup = np.zeros(self.vocab.size, dtype=np.int64)
+            lookup[tokens] = flat[valued[first]]
+            lookups[name] = lookup
         return lookups
 
     def token_value_counts(self) -> dict[str, np.ndarray]:
         """Every note of a merged token counted at its value; a token without notes counts one 0."""
-        owners = np.repeat(np.arange(self.vocab.size), self.lengths)  # (sum lengths,) the token of each base token
         counts = {}
         for name, values in self.base.token_lookups().items():
             flat = np.asarray(values, dtype=np.int64)[self.flat]  # (sum lengths,)
             table = np.zeros((self.vocab.size, int(flat.max()) + 1), dtype=np.float32)  # (V, values)
-            np.add.at(table, (owners[flat > 0], flat[flat > 0]), 1)
+            np.add.at(table, (self.owners[flat > 0], flat[flat > 0]), 1)
             table[table.sum(axis=1) == 0, 0] = 1
             counts[name] = table
         return counts

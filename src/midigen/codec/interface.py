@@ -99,6 +99,11 @@ class Tokenizer(Protocol):
         pitch + shift), −1 for every other token."""
         ...
 
+    def token_pitches(self) -> np.ndarray:
+        """(V,) the pitch of each token that is one pitched note event and nothing else (a note; a MIDI-like
+        note-off), −1 for every other token (drum hits, merged tokens...)."""
+        ...
+
     def token_lookups(self) -> dict[str, np.ndarray]:
         """The features derived from a token's id alone, never stored: name → (V,) int64 value of each token (0 for
         tokens without it), e.g. the pitch class and octave of pitched notes; the model looks them up itself."""

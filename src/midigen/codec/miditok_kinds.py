@@ -213,6 +213,9 @@ class MiditokTokenizer:
         pitched = self.vocab.types_of(PITCHED_TYPES)
         return np.where(pitched, self.vocab.values(), -1)
 
+    def token_pitches(self) -> np.ndarray:
+        return self.transposable_pitches()
+
     def token_lookups(self) -> dict[str, np.ndarray]:
         """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of pitched notes, 0 elsewhere."""
         return pitch_lookups(self.transposable_pitches())

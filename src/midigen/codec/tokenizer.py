@@ -223,6 +223,9 @@ class SeedTokenizer:
     def transposable_pitches(self) -> np.ndarray:
         return np.where(self.vocab.family_of("note"), self.vocab.values(), -1)
 
+    def token_pitches(self) -> np.ndarray:
+        return self.transposable_pitches()
+
     def token_lookups(self) -> dict[str, np.ndarray]:
         """`pitch_classes` (1 + pitch class) and `octaves` (1 + pitch // 12) of pitched notes; 0 for drum hits and
         every other token."""

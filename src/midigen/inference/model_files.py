@@ -147,7 +147,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         weights_path = folder / WEIGHTS_FILE
         weights = current_names(read_tensors(weights_path)[0])
         provenance = config["provenance"] if isinstance(config["provenance"], dict) else {}
-    model = MusicTransformer(model_config, model_config.derived_weights(load_tokenizer(tokenizer)))  # never saved
+    model = MusicTransformer.for_tokenizer(model_config, load_tokenizer(tokenizer))  # its tables never saved
     load_weights(model, weights, weights_path)
     steps = provenance.get("steps", 0)
     return LoadedModel(model.to(resolve_device(device)).eval(), tokenizer, model_config, folder,

@@ -34,6 +34,8 @@ class ModelConfig(JsonConfig):
         passed: everything that reads `embeddings` as the features carried per position stays unchanged.
     merged_notes: how a merged (BPE) token holding several notes takes their derived features: "sum" (the sum
         of every note's embeddings) or "first" (its first note's values).
+    factorised_output: predict each pitched note token as its type, then its pitch class, then its octave
+        (`midigen.model.pitch_output`), instead of one output per token.
     context: tokens per segment (training window, and the generation window without memory).
     rel_pos_buckets, rel_pos_max_distance: T5-style relative-position buckets (exact below half the
         buckets, then logarithmic; distances near and beyond the max distance share the last bucket).
@@ -48,6 +50,7 @@ class ModelConfig(JsonConfig):
     embeddings: dict[str, int] = field(default_factory=lambda: {"bars": 32, "beats": 64})
     derived_embeddings: dict[str, int] = field(default_factory=dict)
     merged_notes: str = "sum"
+    factorised_output: bool = False
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -117,7 +120,8 @@ class ModelConfig(JsonConfig):
     def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
         """A config as saved in a run or model folder; one of midigen 0.2 (bar and beat embeddings as the fields
         `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model; one saved before derived features
-        derives none (and merged tokens take their first note's)."""
+        derives none (and merged tokens take their first note's), one saved before the factorised output has one output per
+        token."""
         if isinstance(data, dict) and "embeddings" not in data and {"use_bar_beat", "num_bars", "beat_positions"} <= set(data):
             data = dict(data)
             use, bars, beats = data.pop("use_bar_beat"), data.pop("num_bars"), data.pop("beat_positions")
@@ -126,6 +130,8 @@ class ModelConfig(JsonConfig):
             data = data | {"derived_embeddings": {}}
         if isinstance(data, dict) and "merged_notes" not in data:
             data = data | {"merged_notes": "first"}
+        if isinstance(data, dict) and "factorised_output" not in data:
+            data = data | {"factorised_output": False}
         return cls.from_dict(data, complete=True)
 
     @classmethod

@@ -6,7 +6,8 @@ lookups, which the model keeps as buffers, so no caller passes them); there is n
 a window can slide or be extended by memory without re-encoding anything. Every layer adds a learned
 T5-style relative-position bias (log buckets over causal distance, per head) to its attention scores,
 initialised as ALiBi's per-head linear penalties so that attention starts local, with a different
-reach per head.
+reach per head. The output is one logit per token, or with `factorised_output` a pitched note's type, pitch class
+and octave in steps (`midigen.model.pitch_output`).
 
 Memory hooks: each layer may attend to `past` keys/values prepended to its own (the XL memory when
 training, the KV cache when generating; both are the same mechanism), and returns the keys/values
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ from torch import Tensor, nn
 
 from midigen.errors import MidigenError
 from midigen.model.config import ModelConfig
+from midigen.model.pitch_output import FactorisedPitchOutput, PitchedTokens
+
+if TYPE_CHECKING:
+    from midigen.codec.interface import Tokenizer
 
 CPU_MATH_SCORES = 2**21  # attention scores per group of lanes when training on CPU: they stay in cache
 GATHERED_QUERIES = 1024  # queries whose neighbours' values are gathered at once: a few MB
@@ -317,9 +322,11 @@ class ModelOutput:
 
 class MusicTransformer(nn.Module):
     """`derived`: `config.derived_weights(tokenizer)`, per derived feature the (V, values) weights of each value's
-    embedding in each token's; kept as buffers that are not saved with the weights (the tokenizer rebuilds them)."""
+    embedding in each token's; `pitched`: with `config.factorised_output`, the tokenizer's pitched note tokens. Both
+    are kept as buffers that are not saved with the weights (the tokenizer rebuilds them: `for_tokenizer`)."""
 
-    def __init__(self, config: ModelConfig, derived: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, config: ModelConfig, derived: Mapping[str, np.ndarray] | None = None,
+                 pitched: PitchedTokens | None = None) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
@@ -343,7 +350,17 @@ class MusicTransformer(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        self.pitch_output = None
+        if config.factorised_output:
+            if pitched is None:
+                raise MidigenError("the model predicts pitched notes factorised, but was given no pitched tokens")
+            if pitched.pitches.shape != (config.vocab_size,):
+                raise MidigenError(f"the pitched tokens given are of a {pitched.pitches.size}-token vocabulary, the "
+                                   f"model's has {config.vocab_size}")
+            self.pitch_output = FactorisedPitchOutput(config.d_model, pitched)
         self.apply(self._init_weights)
+        if self.pitch_output is not None:
+            self.pitch_output.start_even()
         # A bias started at zero hardly moves under AdamW (a few units in thousands of steps), so
         # attention over a long context (XL memory) stayed diluted and learned worse than a short one.
         distance_penalty = -bucket_distances(config.rel_pos_buckets, config.rel_pos_max_distance).view(-1, 1)
@@ -352,6 +369,12 @@ class MusicTransformer(nn.Module):
                 nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * config.n_layers))
             with torch.no_grad():
                 block.attn.rel_bias.weight.copy_(distance_penalty * alibi_slopes(config.n_heads))  # (buckets, H)
+
+    @classmethod
+    def for_tokenizer(cls, config: ModelConfig, tokenizer: Tokenizer) -> MusicTransformer:
+        """The model of `config` with the tables it derives from `tokenizer` (which must be the config's)."""
+        pitched = PitchedTokens.of(tokenizer) if config.factorised_output else None
+        return cls(config, config.derived_weights(tokenizer), pitched)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -393,11 +416,17 @@ class MusicTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, buckets, allowed, past[i] if past else None, knn if i == knn_layer else None)
             present.append(kv)
-        logits = self.head(self.ln_f(x))  # (B, T, V)
+        logits = self.output(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=0)
         return ModelOutput(logits, loss, present)
+
+    def output(self, x: Tensor) -> Tensor:
+        """Final hidden states (B, T, C) → the next token's logits (B, T, V); with the factorised output, its
+        normalised log-probabilities."""
+        logits = self.head(x)
+        return logits if self.pitch_output is None else self.pitch_output(x, logits)
 
     def attention_layout(self, T: int, past: KV | None, device: torch.device) -> tuple[Tensor, Tensor]:
         """Relative-position buckets of the diagonals of the (T, P+T) scores (2T + P − 1,), see `toeplitz`,

@@ -201,7 +201,7 @@ def train(
                            f"do not match the store's tokenizer ({', '.join(sorted(features))})")
     dist = setup_distributed(train_config.device)
     torch.manual_seed(train_config.seed)
-    model = MusicTransformer(model_config, model_config.derived_weights(store.tokenizer))
+    model = MusicTransformer.for_tokenizer(model_config, store.tokenizer)
     train_songs, val_songs = split_songs(store)
     data = TokenArrays(store, train_config.data_location, dist.device)
     knn_device = knn_store_device(train_config.data_location, model_config,
