@@ -45,9 +45,9 @@ def tokenizer(request: pytest.FixtureRequest, merged_store: Path) -> Tokenizer:
     return load_tokenizer(config)
 
 
-def scrambled_model(tokenizer: Tokenizer, **overrides: object) -> MusicTransformer:
+def scrambled_model(tokenizer: Tokenizer) -> MusicTransformer:
     """A tiny factorised model with weights far from their initial near-uniform outputs."""
-    config = ModelConfig.preset("tiny", tokenizer.config, factorised_output=True, **overrides)
+    config = ModelConfig.preset("tiny", tokenizer.config, factorised_output=True)
     torch.manual_seed(0)
     model = MusicTransformer.for_tokenizer(config, tokenizer).eval()
     with torch.no_grad():

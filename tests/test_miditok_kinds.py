@@ -133,7 +133,7 @@ def test_merges_are_those_miditok_s_own_train_learns(kind: str, tmp_path: Path) 
 
     from midigen.codec.bpe import TEXT_BASE
     from midigen.codec.miditok_kinds import MIDITOK_CLASSES, miditok_config
-    from midigen.data.bpe import learn_merges, training_words
+    from midigen.data.bpe import learn_merges, merge_pairs, training_words
     from midigen.data.encode import encode_files
 
     config = TokenizerConfig(kind=kind)
@@ -145,14 +145,9 @@ def test_merges_are_those_miditok_s_own_train_learns(kind: str, tmp_path: Path) 
     theirs_tokenizer.config.encode_ids_split = "no"
     words = ["".join(chr(ord(c) - TEXT_BASE + CHR_ID_START) for c in word) for word in training_words(store)]
     theirs_tokenizer.train(base_size + 150, iterator=words)
-    ids = {chr(token + CHR_ID_START): token for token in range(base_size)}
-    theirs = []
-    for merge in json.loads(theirs_tokenizer._model.to_str())["model"]["merges"]:
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        if left + right not in ids:
-            ids[left + right] = base_size + len(theirs)
-            theirs.append((ids[left], ids[right]))
-    assert len(ours) == 150 and list(ours) == theirs
+    learned = json.loads(theirs_tokenizer._model.to_str())["model"]["merges"]
+    theirs = merge_pairs(learned, [chr(token + CHR_ID_START) for token in range(base_size)])
+    assert len(ours) == 150 and ours == theirs
 
 
 def test_midilike_takes_no_merges(tmp_path: Path) -> None:

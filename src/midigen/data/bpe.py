@@ -91,14 +91,21 @@ def learn_merges(store: TokenStore, vocab_size: int, split_bars: bool = False,
     learner.train_from_iterator(counted(training_words(store, split_bars, max_tokens)), trainer)
     if read[0] == 0:
         raise MidigenError(f"{store.root}: no training songs to learn merges from")
-    ids = {base_text(np.array([token])): token for token in range(base_size)}
-    merges = []
-    for merge in json.loads(learner.to_str())["model"]["merges"]:
+    texts = [base_text(np.array([token])) for token in range(base_size)]
+    return merge_pairs(json.loads(learner.to_str())["model"]["merges"], texts), read[0]
+
+
+def merge_pairs(learned: list[Any], texts: list[str]) -> tuple[tuple[int, int], ...]:
+    """A Hugging Face BPE model's merges (its JSON's "merges") as pairs of token ids, given the text of each base
+    token (`texts[id]`); a merge whose result an earlier token already spells is left out."""
+    ids = {text: token for token, text in enumerate(texts)}
+    merges: list[tuple[int, int]] = []
+    for merge in learned:
         left, right = merge.split(" ") if isinstance(merge, str) else merge  # "a b" before tokenizers 0.20
         if left + right not in ids:
-            ids[left + right] = base_size + len(merges)
+            ids[left + right] = len(texts) + len(merges)
             merges.append((ids[left], ids[right]))
-    return tuple(merges), read[0]
+    return tuple(merges)
 
 
 def train_store(source: str | Path, output: str | Path, vocab_size: int, split_bars: bool = False,

@@ -120,8 +120,8 @@ class ModelConfig(JsonConfig):
     def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
         """A config as saved in a run or model folder; one of midigen 0.2 (bar and beat embeddings as the fields
         `use_bar_beat`, `num_bars` and `beat_positions`) is read as the same model; one saved before derived features
-        derives none (and merged tokens take their first note's), one saved before the factorised output has one output per
-        token."""
+        derives none (and merged tokens take their first note's); one saved before the factorised output has one
+        output per token."""
         if isinstance(data, dict) and "embeddings" not in data and {"use_bar_beat", "num_bars", "beat_positions"} <= set(data):
             data = dict(data)
             use, bars, beats = data.pop("use_bar_beat"), data.pop("num_bars"), data.pop("beat_positions")
